@@ -1,0 +1,72 @@
+"""Few-shot episodes: K support images per class, a small validation set, the untouched test split.
+
+Sampling depends only on (seed, class, sorted sample ids), never on file-system listing order or
+the machine, so the same seed selects the same images everywhere.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DatasetError
+from .base import ImageDataset, Sample
+
+
+@dataclass
+class FewShotSplit:
+    support: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    shots: int
+    seed: int
+    val_rule: str  # how val was drawn, stored with every result
+
+
+def _by_class(samples: list[Sample]) -> dict[int, list[Sample]]:
+    groups: dict[int, list[Sample]] = defaultdict(list)
+    for s in samples:
+        groups[s.label].append(s)
+    return {label: sorted(group, key=lambda s: s.id) for label, group in groups.items()}
+
+
+def _draw(group: list[Sample], k: int, rng: np.random.Generator) -> list[Sample]:
+    """k items without replacement; with replacement only if the class has fewer than k (CoOp's rule)."""
+    replace = len(group) < k
+    picks = rng.choice(len(group), size=k, replace=replace)
+    return [group[i] for i in picks]
+
+
+def fewshot_split(dataset: ImageDataset, shots: int, seed: int, val_per_class: int | None = None,
+                  test_split: str = "test") -> FewShotSplit:
+    """K per class from train; val = min(K, 4) per class from the val split (CoOp's rule) or, when the
+    dataset has no val split, from the train images not chosen as support; test = the full test split."""
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    n_val = min(shots, 4) if val_per_class is None else val_per_class
+    if "train" not in dataset.splits():
+        raise DatasetError(f"{dataset.name} has no train split; few-shot needs one (splits: {dataset.splits()})")
+    train = _by_class(dataset.samples("train"))
+    missing = [dataset.classnames[c] for c in range(len(dataset.classnames)) if c not in train]
+    if missing:
+        raise DatasetError(f"{dataset.name}: classes with no training image: {missing[:5]}")
+    support, val = [], []
+    has_val = "val" in dataset.splits()
+    val_groups = _by_class(dataset.samples("val")) if has_val else {}
+    for label in sorted(train):
+        rng = np.random.default_rng([seed, label])
+        chosen = _draw(train[label], shots, rng)
+        support.extend(chosen)
+        if has_val:
+            pool = val_groups.get(label, [])
+        else:
+            taken = {s.id for s in chosen}
+            pool = [s for s in train[label] if s.id not in taken]
+        if n_val and not pool:
+            raise DatasetError(f"{dataset.name}: no validation candidates for class {dataset.classnames[label]!r}")
+        val.extend(_draw(pool, min(n_val, len(pool)), np.random.default_rng([seed, label, 1])) if n_val else [])
+    rule = (f"min(K,4)={n_val} per class from the val split" if has_val
+            else f"min(K,4)={n_val} per class from train images not in the support set (dataset has no val split)")
+    test = dataset.samples(test_split) if test_split in dataset.splits() else []
+    return FewShotSplit(support=support, val=val, test=test, shots=shots, seed=seed, val_rule=rule)
