@@ -1,0 +1,112 @@
+"""Build the per-batch CLIP context (X_V from retrieved images, X_T from the CLIP text tower)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import XmodalError
+from .config import XAdapterConfig
+from .modules import XContext
+
+DEFAULT_BACKBONE = "bridge:lite0-minilm"
+
+
+def load_bank(directory: str | Path, backbone=None):
+    """``RetrievalBank.load(directory, backbone)`` (raises CacheMismatchError on a fingerprint mismatch)."""
+    try:
+        from .bank import RetrievalBank
+    except ImportError as exc:  # pragma: no cover - the bank module ships with xmodal
+        raise XmodalError("the retrieval bank module (xmodal.xadapter.bank) is not available") from exc
+    if not Path(directory).is_dir():
+        raise XmodalError(f"retrieval bank folder {directory} does not exist; build one with `xmodal xadapter bank`")
+    return RetrievalBank.load(directory, backbone=backbone)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """Turn an inference-mode tensor into a normal one (usable in autograd graphs)."""
+    with torch.inference_mode(False):
+        return t.detach().clone()
+
+
+def _pad_cat(groups: list[list[torch.Tensor]], masks: list[list[torch.Tensor]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate each example's segment features along tokens, then pad examples to one width."""
+    feats = [torch.cat(g, 0) for g in groups]
+    mks = [torch.cat(m, 0) for m in masks]
+    width = max(f.shape[0] for f in feats)
+    dim = feats[0].shape[-1]
+    out = torch.zeros(len(feats), width, dim, dtype=feats[0].dtype, device=device)
+    mask = torch.zeros(len(feats), width, dtype=torch.bool, device=device)
+    for i, (f, m) in enumerate(zip(feats, mks)):
+        out[i, : f.shape[0]] = f
+        mask[i, : f.shape[0]] = m
+    return out, mask
+
+
+class ContextBuilder:
+    """texts -> ``XContext`` for one batch.
+
+    Each example is one text or a tuple of texts (sentence pairs): every segment retrieves its own
+    ``k`` images and gets its own CLIP text features; an example's segments are concatenated.
+    """
+
+    def __init__(self, config: XAdapterConfig, backbone=None, bank=None, device="cpu") -> None:
+        self.config, self.backbone, self.bank = config, backbone, bank
+        self.device = torch.device(device)
+
+    def build(self, texts, experts: tuple[str, ...] = ("v", "t")) -> XContext:
+        examples = [tuple(t for t in ([x] if isinstance(x, str) else x) if t is not None) for x in texts]
+        flat = [t for ex in examples for t in ex]
+        owner = [i for i, ex in enumerate(examples) for _ in ex]
+        ctx = XContext()
+        if not flat:
+            return ctx
+        if "v" in experts:
+            ctx.visual, ctx.visual_mask = self._group(self.visual_features(flat), owner, len(examples))
+        if "t" in experts:
+            ctx.text, ctx.text_mask = self._group(self.text_features(flat), owner, len(examples))
+        return ctx
+
+    def _group(self, fm: tuple[torch.Tensor, torch.Tensor], owner: list[int], n: int):
+        feats, mask = fm
+        groups: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        masks: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        for row, ex in enumerate(owner):
+            groups[ex].append(feats[row])
+            masks[ex].append(mask[row])
+        return _pad_cat(groups, masks, self.device)
+
+    def visual_features(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bank is None or self.backbone is None:
+            raise XmodalError("the V-expert needs retrieved images: pass --bank DIR (and --backbone SPEC), "
+                              "or switch it off with --experts t")
+        _, idx = self.bank.search_texts(self.backbone, texts, self.config.k)
+        if self.config.feature_source == "pooled":
+            feats = self.bank.embeddings(idx)                                  # (N, k, D)
+        else:
+            toks = self.bank.tokens(idx)                                       # (N, k, T, d)
+            feats = toks.reshape(toks.shape[0], -1, toks.shape[-1])
+        feats = _plain(feats).float().to(self.device)
+        return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=self.device)
+
+    def text_features(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.backbone is None:
+            raise XmodalError("the T-expert needs the CLIP text tower: pass --backbone SPEC")
+        if self.config.feature_source == "pooled":
+            feats = _plain(self.backbone.encode_texts(texts)).float()[:, None, :]
+            mask = torch.ones(feats.shape[:2], dtype=torch.bool)
+        else:
+            states, mask = self.backbone.text_tokens(texts)
+            feats, mask = _plain(states).float(), _plain(mask).bool()
+        return feats.to(self.device), mask.to(self.device)
+
+
+def check_bank_backbone(bank, backbone) -> None:
+    meta = getattr(bank, "meta", {}) or {}
+    fp = meta.get("fingerprint")
+    if fp is not None and fp != backbone.fingerprint():
+        from ..errors import CacheMismatchError
+
+        raise CacheMismatchError(f"the bank was built with backbone {meta.get('backbone')} (fingerprint {fp}); "
+                                 f"this run uses {backbone.spec} ({backbone.fingerprint()}). Rebuild the bank or "
+                                 "pass the matching --backbone")
