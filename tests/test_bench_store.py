@@ -1,0 +1,90 @@
+import json
+import os
+
+import pytest
+
+from xmodal.bench.store import ResultStore, row_key
+
+
+def _row(method="zeroshot", shots=1, seed=1, top1=50.0, **extra):
+    return {"method": method, "backbone": "tiny:clip", "dataset": "d", "shots": shots, "seed": seed,
+            "top1": top1, **extra}
+
+
+def test_append_and_reopen(tmp_path):
+    path = tmp_path / "out" / "results.jsonl"
+    store = ResultStore(path)
+    assert len(store) == 0 and not path.exists()
+    assert store.append(_row(seed=1))
+    assert store.append(_row(seed=2))
+    assert not store.append(_row(seed=1, top1=99.0))  # same key: ignored, first row kept
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(x) for x in lines)
+    again = ResultStore(path)
+    assert [r["seed"] for r in again.rows] == [1, 2]
+    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1))["top1"] == 50.0
+    assert again.has(row_key(_row(seed=2))) and not again.has(row_key(_row(seed=3)))
+    assert again.repaired is None
+
+
+def test_each_append_is_fsynced(tmp_path, monkeypatch):
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append(_row(seed=1))
+    store.append(_row(seed=2))
+    assert len(calls) == 2
+
+
+def test_non_json_values_are_stored(tmp_path):
+    import torch
+
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append(_row(hparams={"alpha": torch.tensor(0.5), "grid": (1, 2)}))
+    assert ResultStore(tmp_path / "r.jsonl").rows[0]["hparams"] == {"alpha": 0.5, "grid": [1, 2]}
+    assert store.rows[0]["hparams"] == {"alpha": 0.5, "grid": [1, 2]}  # memory == disk
+
+
+def test_torn_last_line_is_cut_off(tmp_path):
+    path = tmp_path / "r.jsonl"
+    store = ResultStore(path)
+    store.append(_row(seed=1))
+    store.append(_row(seed=2))
+    good = path.read_bytes()
+    with open(path, "ab") as fh:  # a writer killed mid-line
+        fh.write(b'{"method": "zeroshot", "backbone": "tiny:clip", "data')
+    with pytest.warns(UserWarning, match="torn"):
+        repaired = ResultStore(path)
+    assert repaired.repaired and len(repaired) == 2
+    assert path.read_bytes() == good  # the file is valid JSONL again
+    repaired.append(_row(seed=3))
+    assert [json.loads(x)["seed"] for x in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_complete_last_row_without_newline_is_kept(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(_row(seed=1)) + "\n" + json.dumps(_row(seed=2)))
+    store = ResultStore(path)
+    assert len(store) == 2 and "newline" in store.repaired
+    store.append(_row(seed=3))
+    assert len(ResultStore(path)) == 3
+
+
+def test_garbage_line_in_the_middle_is_skipped(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(_row(seed=1)) + "\nnot json\n" + json.dumps(_row(seed=2)) + "\n")
+    with pytest.warns(UserWarning, match="unreadable"):
+        store = ResultStore(path)
+    assert [r["seed"] for r in store.rows] == [1, 2] and store.skipped_lines == [2]
+
+
+def test_duplicate_keys_on_disk_keep_the_first(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(_row(top1=1.0)) + "\n" + json.dumps(_row(top1=2.0)) + "\n")
+    assert [r["top1"] for r in ResultStore(path).rows] == [1.0]
+
+
+def test_row_without_key_fields_is_refused(tmp_path):
+    with pytest.raises(KeyError, match="seed"):
+        ResultStore(tmp_path / "r.jsonl").append({"method": "m", "backbone": "b", "dataset": "d", "shots": 1})

@@ -1,0 +1,313 @@
+"""One few-shot episode: features -> K-shot split -> fit every method on support + val -> top-1 on test.
+
+Protocol guarantees (see docs/bench.md):
+
+* methods see the support and validation ``FeatureSet`` s and the zero-shot text classifier in
+  ``fit``; at test time they get a bare ``(N, D)`` feature tensor. Test labels are read only after
+  ``predict`` returned, to count correct predictions.
+* every row carries its provenance (backbone spec + fingerprint, dataset, templates, chosen
+  hyper-parameters, version, commit, timing ...), see ``ROW_FIELDS``.
+
+Features come from ``xmodal.features.extract_features`` (cached on disk). A ``FeatureBank`` keeps
+the features of one (backbone, dataset) in memory so every (shots, seed) of a sweep reuses them; the
+augmented views of the training images are extracted either once for the whole train split
+(``augment_scope="split"``, the sweep default), for the union of all support sets of a sweep
+(``"union"``), or only for the support images of the episode at hand (``"support"``, the default for
+a single episode).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ..fewshot.base import FewShotMethod, available_methods, create_method
+from ..featureset import FeatureSet
+from .provenance import git_commit, git_dirty, utc_timestamp, xmodal_version
+
+AUGMENT_SCOPES = ("split", "union", "support")
+ROW_SCHEMA = 1
+
+# Every row written by the harness has at least these fields (tests check this).
+ROW_FIELDS = (
+    "schema", "method", "training_free", "backbone", "backbone_name", "backbone_fingerprint", "stand_in",
+    "dataset", "dataset_name", "num_classes", "shots", "seed", "templates", "val_rule", "hparams",
+    "top1", "n_correct", "n_test", "n_support", "n_val", "augment_views", "augment_scope",
+    "fit_time_s", "predict_time_s", "wall_time_s", "features_time_s", "device",
+    "xmodal_version", "git_commit", "git_dirty", "timestamp",
+)
+
+
+class UnknownMethodError(ValueError):
+    """A requested few-shot method name is not registered."""
+
+
+def resolve_methods(methods: str | Sequence[str]) -> list[str]:
+    """``"all"`` / ``"a,b"`` / ``["a", "b"]`` -> validated list of registered method names (order kept)."""
+    available = available_methods()
+    if isinstance(methods, str):
+        # "all": zero-shot first (the reference row), then registry order
+        if methods.strip() == "all":
+            names = sorted(available, key=lambda m: m != "zeroshot")
+        else:
+            names = [m.strip() for m in methods.split(",") if m.strip()]
+    else:
+        names = list(methods)
+    if not names:
+        raise UnknownMethodError(f"no method given; available: {', '.join(available)} (or 'all')")
+    unknown = [m for m in names if m not in available]
+    if unknown:
+        raise UnknownMethodError(f"unknown few-shot method(s) {', '.join(map(repr, unknown))}; "
+                                 f"available: {', '.join(available)} (or 'all')")
+    return list(dict.fromkeys(names))
+
+
+def _default_extract(*args: Any, **kwargs: Any) -> FeatureSet:
+    from ..features import extract_features
+
+    return extract_features(*args, **kwargs)
+
+
+def _default_split(dataset: Any, shots: int, seed: int) -> Any:
+    from ..data import fewshot_split
+
+    return fewshot_split(dataset, shots, seed)
+
+
+@dataclass
+class FeatureBank:
+    """In-memory features of one (backbone, dataset), backed by the on-disk cache of ``extract_features``."""
+
+    backbone: Any
+    dataset: Any
+    augment_views: int = 10
+    augment_scope: str = "split"
+    augment_seed: int = 0
+    cache_dir: str = ".xmodal-cache"
+    device: str | None = None
+    batch_size: int = 64
+    num_workers: int = 0
+    progress: bool = True
+    extract_fn: Callable[..., FeatureSet] = _default_extract
+    _plain: dict[str, FeatureSet] = field(default_factory=dict, repr=False)
+    _views: FeatureSet | None = field(default=None, repr=False)
+    _view_samples: list | None = field(default=None, repr=False)
+    _text: torch.Tensor | None = field(default=None, repr=False)
+    _split_ids: dict[str, set[str]] = field(default_factory=dict, repr=False)
+    extract_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.augment_scope not in AUGMENT_SCOPES:
+            raise ValueError(f"augment_scope must be one of {AUGMENT_SCOPES}, got {self.augment_scope!r}")
+
+    # ----- extraction ---------------------------------------------------------------------
+    def _extract(self, split: str, samples: list | None = None, views: int = 0) -> FeatureSet:
+        start = time.perf_counter()
+        fs = self.extract_fn(
+            self.backbone, self.dataset, split, samples=samples, augment_views=views,
+            augment_seed=self.augment_seed, cache_dir=self.cache_dir, batch_size=self.batch_size,
+            device=self.device, num_workers=self.num_workers, progress=self.progress,
+        )
+        self.extract_seconds += time.perf_counter() - start
+        return fs
+
+    def plain(self, split: str) -> FeatureSet:
+        """Deterministic (no augmentation) features of a whole split."""
+        if split not in self._plain:
+            if split == "train" and self.augment_views > 0 and self.augment_scope == "split":
+                # the whole-split views extraction also holds the deterministic features: reuse them
+                self._plain[split] = _without_views(self._train_views([]))
+            else:
+                self._plain[split] = self._extract(split)
+        return self._plain[split]
+
+    def use_view_samples(self, samples: Iterable) -> None:
+        """For ``augment_scope="union"``: the training samples whose views the sweep will need."""
+        unique = {s.id: s for s in samples}
+        self._view_samples = [unique[i] for i in sorted(unique)]
+        self._views = None
+
+    def _train_views(self, support: list) -> FeatureSet:
+        if self.augment_scope == "support":
+            unique = {s.id: s for s in support}
+            return self._extract("train", samples=[unique[i] for i in sorted(unique)], views=self.augment_views)
+        if self._views is None:
+            samples = self._view_samples if self.augment_scope == "union" else None
+            if self.augment_scope == "union" and samples is None:
+                raise RuntimeError("augment_scope='union' needs use_view_samples(...) before the first episode")
+            self._views = self._extract("train", samples=samples, views=self.augment_views)
+        return self._views
+
+    def text_classifier(self) -> torch.Tensor:
+        if self._text is None:
+            from ..zeroshot import text_classifier
+
+            self._text = text_classifier(self.backbone, list(self.dataset.classnames), list(self.dataset.templates))
+        return self._text
+
+    def _ids(self, split: str) -> set[str]:
+        if split not in self._split_ids:
+            self._split_ids[split] = {s.id for s in self.dataset.samples(split)}
+        return self._split_ids[split]
+
+    def _split_holding(self, samples: list, prefer: Sequence[str]) -> str:
+        ids = {s.id for s in samples}
+        candidates = [s for s in prefer if s in self.dataset.splits()]
+        candidates += [s for s in self.dataset.splits() if s not in candidates]
+        for split in candidates:
+            if ids <= self._ids(split):
+                return split
+        raise KeyError(f"{getattr(self.dataset, 'name', self.dataset)}: samples not found in any one split")
+
+    # ----- one episode ----------------------------------------------------------------------
+    def episode(self, split: Any) -> tuple[FeatureSet, FeatureSet, FeatureSet]:
+        """(support with views, val without views, test) FeatureSets for a ``FewShotSplit``."""
+        support_ids = [s.id for s in split.support]
+        if self.augment_views > 0:
+            support = self._train_views(split.support).subset(support_ids)
+        else:
+            support = self.plain("train").subset(support_ids)
+        val_split = self._split_holding(split.val, ("val", "train")) if split.val else "train"
+        val = _without_views(self.plain(val_split).subset([s.id for s in split.val]))
+        test_split = self._split_holding(split.test, ("test",))
+        test = _without_views(self.plain(test_split).subset([s.id for s in split.test]))
+        return support, val, test
+
+
+def _without_views(fs: FeatureSet) -> FeatureSet:
+    if fs.views is None:
+        return fs
+    return FeatureSet(features=fs.features, labels=fs.labels, ids=fs.ids, classnames=fs.classnames, meta=fs.meta)
+
+
+def _plain_json(value: dict[str, Any]) -> dict[str, Any]:
+    """``selected_`` as plain JSON values (tensors / numpy scalars converted), as the store will hold it."""
+    from .store import _json_default
+
+    return json.loads(json.dumps(dict(value), default=_json_default))
+
+
+def _dataset_spec(dataset: Any) -> str:
+    return str(getattr(dataset, "spec", None) or getattr(dataset, "name", type(dataset).__name__))
+
+
+@dataclass
+class Episode:
+    """Context of one (backbone, dataset, shots, seed) episode, shared by its rows."""
+
+    backbone_spec: str
+    dataset_spec: str
+    shots: int
+    seed: int
+    split: Any
+    support: FeatureSet
+    val: FeatureSet
+    test: FeatureSet
+    text_classifier: torch.Tensor
+    features_time_s: float
+
+    def context(self, bank: FeatureBank, device: str | None) -> dict[str, Any]:
+        backbone = bank.backbone
+        return {
+            "schema": ROW_SCHEMA,
+            "backbone": self.backbone_spec,
+            "backbone_name": str(getattr(backbone, "name", self.backbone_spec)),
+            "backbone_fingerprint": str(backbone.fingerprint()),
+            "stand_in": bool(getattr(backbone, "is_stand_in", False)),
+            "dataset": self.dataset_spec,
+            "dataset_name": str(getattr(bank.dataset, "name", self.dataset_spec)),
+            "num_classes": len(bank.dataset.classnames),
+            "shots": int(self.shots),
+            "seed": int(self.seed),
+            "templates": list(bank.dataset.templates),
+            "val_rule": str(getattr(self.split, "val_rule", "")),
+            "n_support": len(self.support),
+            "n_val": len(self.val),
+            "n_test": len(self.test),
+            "augment_views": int(bank.augment_views),
+            "augment_scope": bank.augment_scope if bank.augment_views > 0 else "none",
+            "features_time_s": round(self.features_time_s, 4),
+            "device": str(device or "cpu"),
+            "xmodal_version": xmodal_version(),
+            "git_commit": git_commit(),
+            "git_dirty": git_dirty(),
+        }
+
+
+def prepare_episode(bank: FeatureBank, shots: int, seed: int, *, backbone_spec: str | None = None,
+                    dataset_spec: str | None = None,
+                    split_fn: Callable[[Any, int, int], Any] = _default_split) -> Episode:
+    start = time.perf_counter()
+    split = split_fn(bank.dataset, shots, seed)
+    if not split.test:
+        raise ValueError(f"{_dataset_spec(bank.dataset)} has no test samples; cannot score an episode")
+    support, val, test = bank.episode(split)
+    text = bank.text_classifier()
+    return Episode(
+        backbone_spec=backbone_spec or str(getattr(bank.backbone, "spec", "unknown")),
+        dataset_spec=dataset_spec or _dataset_spec(bank.dataset),
+        shots=shots, seed=seed, split=split, support=support, val=val, test=test,
+        text_classifier=text, features_time_s=time.perf_counter() - start,
+    )
+
+
+def evaluate_method(method: FewShotMethod, episode: Episode) -> dict[str, Any]:
+    """Fit on support + val, predict on bare test features, then (only then) count correct ones."""
+    seed = int(episode.seed)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    method.fit(episode.support, episode.val, episode.text_classifier.clone())
+    fit_time = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        pred = method.predict(episode.test.features.clone())
+    predict_time = time.perf_counter() - start
+    pred = torch.as_tensor(pred).reshape(-1).cpu().long()
+    labels = episode.test.labels  # first and only use of test labels: scoring
+    if pred.shape != labels.shape:
+        raise ValueError(f"{method.name}.predict returned {tuple(pred.shape)} predictions for {labels.numel()} test images")
+    n_correct = int((pred == labels).sum())
+    return {
+        "method": method.name,
+        "training_free": bool(getattr(method, "training_free", True)),
+        "hparams": _plain_json(getattr(method, "selected_", {}) or {}),
+        "top1": 100.0 * n_correct / max(labels.numel(), 1),
+        "n_correct": n_correct,
+        "fit_time_s": round(fit_time, 4),
+        "predict_time_s": round(predict_time, 4),
+    }
+
+
+def run_episode(bank: FeatureBank, shots: int, seed: int, methods: str | Sequence[str] = "all", *,
+                backbone_spec: str | None = None, dataset_spec: str | None = None,
+                skip: Callable[[str], bool] | None = None,
+                on_row: Callable[[dict[str, Any]], None] | None = None,
+                device: str | None = None, logit_scale: float | None = None,
+                split_fn: Callable[[Any, int, int], Any] = _default_split) -> list[dict[str, Any]]:
+    """Run ``methods`` on one episode; returns the rows (each also handed to ``on_row`` as soon as done).
+
+    ``skip(method_name)`` -> True leaves a method out (a resumed sweep's finished rows). When every
+    method is skipped no feature is touched.
+    """
+    names = resolve_methods(methods)
+    todo = [m for m in names if not (skip and skip(m))]
+    if not todo:
+        return []
+    episode = prepare_episode(bank, shots, seed, backbone_spec=backbone_spec, dataset_spec=dataset_spec,
+                              split_fn=split_fn)
+    context = episode.context(bank, device if device is not None else bank.device)
+    scale = float(logit_scale if logit_scale is not None else getattr(bank.backbone, "logit_scale", 100.0))
+    rows = []
+    for name in todo:
+        start = time.perf_counter()
+        method = create_method(name, seed=seed, device=device or bank.device or "cpu", logit_scale=scale)
+        result = evaluate_method(method, episode)
+        row = {**context, **result, "wall_time_s": round(time.perf_counter() - start, 4),
+               "timestamp": utc_timestamp()}
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows

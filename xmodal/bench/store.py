@@ -1,0 +1,182 @@
+"""Append-only JSONL result store: one row per (method, backbone, dataset, shots, seed).
+
+* Each row is written with a single ``write`` of one complete line, then flushed and fsync'ed, under
+  an advisory file lock, so a finished row survives a crash and two writers never interleave.
+* Opening the store reads every row; a torn last line (a process killed mid-write) is detected and
+  cut off, so the file is valid JSONL again before anything new is appended.
+* ``has(key)`` / ``done_keys()`` let a sweep skip rows already present, so it resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+try:  # POSIX advisory locking; absent on Windows, where appends are still single writes
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+KEY_FIELDS = ("method", "backbone", "dataset", "shots", "seed")
+
+RowKey = tuple[str, str, str, int, int]
+
+
+def row_key(row: dict[str, Any]) -> RowKey:
+    """The identity of a result row; a store holds at most one row per key."""
+    missing = [f for f in KEY_FIELDS if f not in row]
+    if missing:
+        raise KeyError(f"result row lacks key field(s) {missing}; a row needs {KEY_FIELDS}")
+    return (str(row["method"]), str(row["backbone"]), str(row["dataset"]), int(row["shots"]), int(row["seed"]))
+
+
+class ResultStore:
+    """Rows of one results file (``results.jsonl``)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.repaired: str | None = None  # description of a torn tail that was cut off on open
+        self.skipped_lines: list[int] = []  # 1-based numbers of unparsable lines (kept in the file)
+        self._rows: list[dict[str, Any]] = []
+        self._index: dict[RowKey, int] = {}
+        self._load()
+
+    # ----- reading ----------------------------------------------------------------------
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            with self._locked("r+b") as fh:
+                data = fh.read()
+                cut = self._repair_tail(fh, data)
+        except PermissionError:  # read-only results file: ignore a torn tail instead of repairing it
+            data = self.path.read_bytes()
+            cut = None if data.endswith(b"\n") else data.rfind(b"\n") + 1
+        if cut is not None:
+            data = data[:cut]
+        for lineno, raw in enumerate(data.split(b"\n"), start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+                key = row_key(row)
+            except (ValueError, KeyError, TypeError):
+                self.skipped_lines.append(lineno)
+                continue
+            if key in self._index:  # a duplicate (e.g. two concurrent writers): the first one wins
+                continue
+            self._index[key] = len(self._rows)
+            self._rows.append(row)
+        if self.skipped_lines:
+            warnings.warn(f"{self.path}: ignored {len(self.skipped_lines)} unreadable line(s) "
+                          f"(line numbers {self.skipped_lines[:5]})", stacklevel=3)
+
+    def _repair_tail(self, fh, data: bytes) -> int | None:
+        """If the file does not end with a newline, its last line was torn by a killed writer.
+
+        A tail that is nevertheless a complete row gets its newline back; otherwise it is truncated.
+        Returns the new length when bytes were cut, else None.
+        """
+        if not data or data.endswith(b"\n"):
+            return None
+        start = data.rfind(b"\n") + 1
+        tail = data[start:]
+        try:
+            row_key(json.loads(tail))
+        except (ValueError, KeyError, TypeError):
+            fh.truncate(start)
+            _fsync(fh)
+            self.repaired = f"removed a torn last line of {len(tail)} bytes"
+            warnings.warn(f"{self.path}: {self.repaired} (a previous run was interrupted mid-write)",
+                          stacklevel=4)
+            return start
+        fh.seek(0, os.SEEK_END)
+        fh.write(b"\n")
+        _fsync(fh)
+        self.repaired = "added the missing newline after the last row"
+        return None
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def has(self, key: RowKey) -> bool:
+        return key in self._index
+
+    def get(self, key: RowKey) -> dict[str, Any] | None:
+        i = self._index.get(key)
+        return None if i is None else self._rows[i]
+
+    def done_keys(self) -> set[RowKey]:
+        return set(self._index)
+
+    # ----- writing ----------------------------------------------------------------------
+    def append(self, row: dict[str, Any]) -> bool:
+        """Write one row durably. Returns False (and writes nothing) if its key is already stored."""
+        key = row_key(row)
+        if key in self._index:
+            return False
+        line = (json.dumps(row, sort_keys=True, allow_nan=True, default=_json_default) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked("ab") as fh:
+            view = memoryview(line)
+            while view:  # one write() almost always suffices; loop in case of a short write
+                view = view[fh.write(view):]
+            _fsync(fh)
+        self._index[key] = len(self._rows)
+        self._rows.append(json.loads(line))  # exactly what a later reader will see
+        return True
+
+    def extend(self, rows: Iterable[dict[str, Any]]) -> int:
+        return sum(self.append(r) for r in rows)
+
+    # ----- helpers ----------------------------------------------------------------------
+    def _locked(self, mode: str):
+        return _LockedFile(self.path, mode)
+
+
+class _LockedFile:
+    def __init__(self, path: Path, mode: str) -> None:
+        self.path, self.mode = path, mode
+
+    def __enter__(self):
+        self.fh = open(self.path, self.mode, buffering=0)
+        if fcntl is not None:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX)
+        return self.fh
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if fcntl is not None:
+                fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+        finally:
+            self.fh.close()
+
+
+def _fsync(fh) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _json_default(obj: Any) -> Any:
+    """Make tensors / numpy scalars / paths in ``selected_`` JSON-serialisable instead of failing a sweep."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All rows of a results file (torn tail repaired, duplicates dropped)."""
+    return ResultStore(path).rows
