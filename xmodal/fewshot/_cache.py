@@ -1,0 +1,196 @@
+"""The cache model shared by Tip-Adapter(-F) and XMAdapter, and its training loop.
+
+One module computes, for L2-normalised image features f,
+
+    logits = logit_scale · f Wᵀ + α · (γ · A_img L + (1 − γ) · A_txt L)
+    A_img  = exp(−β (1 − f Kᵀ))                       K: image-cache keys (NK, D), L: one-hot values (NK, C)
+    A_txt L = n_c · exp(−β_t (1 − ĝ M̂_cᵀ))            text branch (XMAdapter only), see TextBranch
+
+With no text branch (or γ fixed at exactly 1) this *is* Tip-Adapter / Tip-Adapter-F, and
+``train_cache_model`` is Tip-Adapter-F's loop, so XMAdapter reduces to them bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..featureset import FeatureSet
+from ._common import batches, cosine_lr, cpu_generator, epoch_features
+
+
+def mlp(d_in: int, d_out: int, arch: str) -> nn.Module:
+    """XMAdapter's MetaNet / Img2TxtNet: CoCoOp meta-net layout Linear(d_in, d_in/16) → ReLU → Linear(·, d_out),
+    or a single Linear(d_in, d_out) (``arch="linear"``)."""
+    if arch == "mlp":
+        hidden = max(1, d_in // 16)
+        return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=False), nn.Linear(hidden, d_out))
+    if arch == "linear":
+        return nn.Linear(d_in, d_out)
+    if arch == "identity":
+        return nn.Identity()
+    raise ValueError(f"unknown network architecture {arch!r}; use 'mlp', 'linear' or 'identity'")
+
+
+class TextBranch(nn.Module):
+    """XMAdapter's cross-modal (text) cache at class level.
+
+    M = MetaNet(T) (C, D) from class text features T; ĝ = norm(Img2TxtNet(f)); the text-cache keys are
+    F_txt = L·M̂ (each cache entry gets its class's row), so A_txt L [·, c] = n_c · exp(−β_t(1 − ĝ·M̂_c)),
+    computed here without materialising the NK expanded rows.
+    """
+
+    def __init__(self, class_text: torch.Tensor, counts: torch.Tensor, img_dim: int, out_dim: int,
+                 arch: str, tie_init: bool) -> None:
+        super().__init__()
+        self.register_buffer("class_text", class_text.float())
+        self.register_buffer("counts", counts.float())
+        text_dim = class_text.shape[1]
+        self.meta_net = mlp(text_dim, out_dim, arch)
+        self.img2txt = mlp(img_dim, out_dim, arch)
+        if tie_init and arch != "identity" and text_dim == img_dim:
+            # Start both maps equal, so ĝ·M̂_c begins as an image-text similarity measured through one shared
+            # (random) projection instead of noise; they are trained separately afterwards.
+            self.img2txt.load_state_dict(self.meta_net.state_dict())
+
+    def class_keys(self) -> torch.Tensor:
+        return F.normalize(self.meta_net(self.class_text), dim=-1)
+
+    def class_sim(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, C) cosine similarity between the image's text-space feature and each class's text key."""
+        return F.normalize(self.img2txt(f), dim=-1) @ self.class_keys().T
+
+
+class Gamma(nn.Module):
+    """Fusion weight γ: 'learned' scalar sigmoid(θ), 'per-sample' sigmoid(MLP(f)), or a constant."""
+
+    def __init__(self, mode: str, init: float, img_dim: int) -> None:
+        super().__init__()
+        self.mode = mode
+        self.value = float(init)
+        if mode == "learned":
+            self.theta = nn.Parameter(torch.tensor(_logit(init)))
+        elif mode == "per-sample":
+            hidden = max(1, img_dim // 16)
+            self.net = nn.Sequential(nn.Linear(img_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+            nn.init.zeros_(self.net[2].weight)
+            nn.init.constant_(self.net[2].bias, _logit(init))  # starts at γ = init for every sample
+
+    def forward(self, f: torch.Tensor):
+        if self.mode == "learned":
+            return torch.sigmoid(self.theta)
+        if self.mode == "per-sample":
+            return torch.sigmoid(self.net(f))  # (B, 1)
+        return self.value  # python float: γ = 1 gives the image term exactly
+
+
+def _logit(p: float) -> float:
+    p = min(max(float(p), 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+class CacheModel(nn.Module):
+    def __init__(self, keys: torch.Tensor, cache_labels: torch.Tensor, text_classifier: torch.Tensor,
+                 logit_scale: float, train_keys: bool, text: TextBranch | None = None,
+                 gamma: Gamma | None = None) -> None:
+        super().__init__()
+        c = text_classifier.shape[0]
+        if train_keys:
+            self.keys = nn.Parameter(keys.float().clone())
+        else:
+            self.register_buffer("keys", keys.float().clone())
+        self.register_buffer("values", F.one_hot(cache_labels.long(), c).float())
+        self.register_buffer("text_classifier", text_classifier.float())
+        self.logit_scale = float(logit_scale)
+        self.text = text
+        self.gamma = gamma
+
+    def zero_shot(self, f: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * f @ self.text_classifier.T
+
+    def img_affinity(self, f: torch.Tensor, beta: float) -> torch.Tensor:
+        """A_img L, (B, C)."""
+        return torch.exp(-beta * (1 - f @ self.keys.T)) @ self.values
+
+    def txt_affinity(self, f: torch.Tensor, beta_t: float) -> torch.Tensor:
+        """A_txt L, (B, C)."""
+        return torch.exp(-beta_t * (1 - self.text.class_sim(f))) * self.text.counts
+
+    def forward(self, f: torch.Tensor, alpha: float, beta: float, beta_t: float | None = None,
+                need_text: bool = False):
+        """Returns (logits, A_img L, A_txt L or None)."""
+        p_img = self.img_affinity(f, beta)
+        p_txt = None
+        g = 1.0 if self.gamma is None else self.gamma(f)
+        use_text = self.text is not None and not (isinstance(g, float) and g == 1.0)
+        if self.text is not None and (use_text or need_text):
+            p_txt = self.txt_affinity(f, beta if beta_t is None else beta_t)
+        p = g * p_img + (1 - g) * p_txt if use_text else p_img
+        return self.zero_shot(f) + alpha * p, p_img, p_txt
+
+
+WeightFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def train_cache_model(
+    model: CacheModel,
+    support: FeatureSet,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    param_groups: list[dict],
+    *,
+    epochs: int,
+    lr: float,
+    eps: float,
+    batch_size: int,
+    alpha: float,
+    beta: float,
+    beta_t: float | None,
+    seed: int,
+    device: str,
+    weight_fn: WeightFn | None = None,
+) -> tuple[int, list[float]]:
+    """Tip-Adapter-F's loop: AdamW + cosine schedule, CE on the fused logits at the initial α, β.
+
+    Epoch e trains on augmented view e mod V of every support image (plain features without views), in
+    shuffled batches. After each epoch the model is scored on val (initial α, β); the best epoch's
+    parameters (first best on ties) are restored. Returns (best epoch, 1-based; val accuracy per epoch).
+    ``weight_fn(p_img, p_txt, labels)`` gives per-sample loss weights (XMAdapter's hard-sample mining).
+    """
+    gen = cpu_generator(seed)
+    opt = torch.optim.AdamW(param_groups, lr=lr, eps=eps)
+    n = len(support)
+    steps = epochs * math.ceil(n / batch_size)
+    sched = cosine_lr(opt, steps)
+    labels = support.labels.to(device)
+    best_acc, best_epoch, best_state, curve = -1.0, 0, None, []
+    for epoch in range(epochs):
+        model.train()
+        x_all = epoch_features(support, epoch).to(device)
+        for idx in batches(n, batch_size, gen):
+            idx = idx.to(device)
+            x, y = x_all[idx], labels[idx]
+            logits, p_img, p_txt = model(x, alpha, beta, beta_t, need_text=weight_fn is not None)
+            if weight_fn is not None and p_txt is not None:
+                w = weight_fn(p_img.detach(), p_txt.detach(), y)
+                loss = (w * F.cross_entropy(logits, y, reduction="none")).sum() / w.sum()
+            else:
+                loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            logits, _, _ = model(val_features, alpha, beta, beta_t)
+            acc = float((logits.argmax(-1) == val_labels).float().mean())
+        curve.append(acc)
+        if acc > best_acc:
+            best_acc, best_epoch = acc, epoch + 1
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return best_epoch, curve

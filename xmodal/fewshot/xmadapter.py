@@ -1,0 +1,256 @@
+"""XMAdapter (Yang et al., arXiv 2404.12588): image cache + cross-modal text cache, fused by γ, with
+hard-sample re-weighting. A reconstruction: see docs/fewshot.md and papers.md B.3 / B.8 for the readings.
+
+    logits = logit_scale·f Wᵀ + α·(γ·A_img + (1 − γ)·A_txt)·L
+    A_img  = exp(−β(1 − f F_imgᵀ))                      Tip-Adapter image cache (keys trained, as in Tip-Adapter-F)
+    A_txt  = exp(−β_t(1 − ĝ F̂_txtᵀ)),  ĝ = norm(Img2TxtNet(f)),  F̂_txt = norm(MetaNet(T))[cache labels]
+    loss   = Σ w_i CE_i / Σ w_i,  w_i = 1 + λ·d_i,  d_i = ½‖softmax(A_img L)_i − softmax(A_txt L)_i‖₁ (no gradient)
+
+``xmadapter`` trains keys, MetaNet, Img2TxtNet and γ = sigmoid(θ); ``xmadapter-tf`` is training-free: the two
+networks are identities (the text cache compares f with the class text features directly) and γ, α, β are
+grid-searched on validation. With γ fixed at 1 they are Tip-Adapter-F and Tip-Adapter exactly.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import ShapeError
+from ..featureset import FeatureSet
+from ._cache import CacheModel, Gamma, TextBranch, train_cache_model
+from ._common import (CLIP_LOGIT_SCALE, cache_grid_search, cache_keys, check_features, check_fit_inputs, key_source,
+                      require_fitted, seeded)
+from .base import FewShotMethod, register
+from .tip_adapter import _TipSearchMixin
+
+GAMMA_MODES = ("learned", "fixed", "search", "per-sample")
+WEIGHTINGS = ("continuous", "topq", "none")
+DISAGREEMENTS = ("l1", "true-class")
+
+
+def hard_sample_weights(p_img: torch.Tensor, p_txt: torch.Tensor, labels: torch.Tensor, lam: float,
+                        mode: str = "continuous", q: float = 0.7, measure: str = "l1") -> torch.Tensor:
+    """Per-sample loss weights from the disagreement of the image and text caches (computed without gradient).
+
+    p_img, p_txt: (B, C) affinities A_img·L and A_txt·L. With P = softmax of each,
+      measure 'l1':         d_i = ½‖P_img,i − P_txt,i‖₁ ∈ [0, 1]
+      measure 'true-class': d_i = |P_img,i[y_i] − P_txt,i[y_i]|
+      mode 'continuous':    w_i = 1 + λ·d_i
+      mode 'topq':          w_i = 1 + λ·1[d_i ≥ quantile_q(d) and d_i > 0]
+      mode 'none':          w_i = 1
+    """
+    if mode not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {mode!r}; use one of {WEIGHTINGS}")
+    if measure not in DISAGREEMENTS:
+        raise ValueError(f"unknown disagreement measure {measure!r}; use one of {DISAGREEMENTS}")
+    with torch.no_grad():
+        pi, pt = p_img.detach().softmax(-1), p_txt.detach().softmax(-1)
+        if measure == "l1":
+            d = 0.5 * (pi - pt).abs().sum(-1)
+        else:
+            y = labels.long()[:, None]
+            d = (pi.gather(1, y) - pt.gather(1, y)).abs()[:, 0]
+        if mode == "none" or lam == 0:
+            return torch.ones_like(d)
+        if mode == "continuous":
+            return 1 + lam * d
+        hard = (d >= torch.quantile(d, q)) & (d > 0)
+        return 1 + lam * hard.to(d.dtype)
+
+
+class _XMBase(_TipSearchMixin, FewShotMethod):
+    arch_default = "mlp"
+
+    def __init__(self, seed: int = 0, device: str = "cpu", logit_scale: float = 100.0, *,
+                 gamma_mode: str = "learned", gamma: float = 0.5, gamma_grid: Sequence[float] | None = None,
+                 net_arch: str | None = None, text_dim: int | None = None, tie_init: bool = True,
+                 class_text_features: torch.Tensor | None = None, text_source: str | None = None,
+                 beta_text: float | None = None,
+                 lam: float = 1.0, weighting: str = "continuous", q: float = 0.7, disagreement: str = "l1",
+                 train_keys: bool = True, epochs: int = 20, lr: float = 1e-3, eps: float = 1e-4,
+                 batch_size: int = 256, net_lr: float = 1e-2, gamma_lr: float = 0.05,
+                 init_alpha: float = 1.0, init_beta: float = 1.0,
+                 beta_scale: float = 10.0, alpha_scale: float = 10.0, n_beta: int = 50, n_alpha: int = 20) -> None:
+        super().__init__(seed=seed, device=device, logit_scale=logit_scale)
+        if gamma_mode not in GAMMA_MODES:
+            raise ValueError(f"unknown gamma_mode {gamma_mode!r}; use one of {GAMMA_MODES}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; use one of {WEIGHTINGS}")
+        if disagreement not in DISAGREEMENTS:
+            raise ValueError(f"unknown disagreement {disagreement!r}; use one of {DISAGREEMENTS}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+        self.gamma_mode, self.gamma = gamma_mode, float(gamma)
+        self.gamma_grid = list(gamma_grid) if gamma_grid is not None else [i / 10 for i in range(11)]
+        self.net_arch = net_arch or self.arch_default
+        self.text_dim, self.tie_init = text_dim, tie_init
+        self.class_text_features, self.text_source = class_text_features, text_source
+        self.beta_text = beta_text
+        self.lam, self.weighting, self.q, self.disagreement = float(lam), weighting, float(q), disagreement
+        self.train_keys = train_keys
+        self.epochs, self.lr, self.eps, self.batch_size = epochs, lr, eps, batch_size
+        self.net_lr = net_lr
+        self.gamma_lr = gamma_lr
+        self.init_alpha, self.init_beta = init_alpha, init_beta
+        self.beta_scale, self.alpha_scale = beta_scale, alpha_scale
+        self.n_beta, self.n_alpha = n_beta, n_alpha
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    def _class_text(self, text_classifier: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """Source of the text cache: the zero-shot classifier rows (default) or external class text features."""
+        if self.class_text_features is None:
+            return text_classifier.float(), "zeroshot-classifier"
+        t = self.class_text_features
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] != text_classifier.shape[0]:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)
+            raise ShapeError(f"class_text_features must be (C={text_classifier.shape[0]}, D_text) like the "
+                             f"text_classifier {tuple(text_classifier.shape)}, got {shape}")
+        return torch.nn.functional.normalize(t.float(), dim=-1), self.text_source or "external"
+
+    def _weight_fn(self):
+        if self.weighting == "none" or self.lam == 0:
+            return None
+        return lambda p_img, p_txt, y: hard_sample_weights(p_img, p_txt, y, self.lam, self.weighting, self.q,
+                                                           self.disagreement)
+
+    def _text_off(self) -> bool:
+        return self.gamma_mode == "fixed" and self.gamma == 1.0
+
+    def _build(self, support: FeatureSet, text_classifier: torch.Tensor, train: bool) -> tuple[CacheModel, str]:
+        class_text, source = self._class_text(text_classifier)
+        img_dim = support.dim
+        if self.net_arch == "identity":
+            if class_text.shape[1] != img_dim:
+                raise ShapeError(f"the training-free text cache compares image features {tuple(support.features.shape)} "
+                                 f"with class text features {tuple(class_text.shape)} directly, so their widths "
+                                 "must match; use the trained 'xmadapter' (MetaNet/Img2TxtNet) for other widths")
+            out_dim = img_dim
+        else:
+            out_dim = self.text_dim or max(1, img_dim // 2)
+        counts = torch.bincount(support.labels.long(), minlength=text_classifier.shape[0])
+        with seeded(self.seed + 1):  # network init: own seed, independent of the batch order
+            text = TextBranch(class_text, counts, img_dim, out_dim, self.net_arch, self.tie_init)
+            gamma_mode = self.gamma_mode if train else "fixed"
+            if gamma_mode == "search":
+                gamma_mode = "fixed"  # constant at the initial γ while training; searched afterwards
+            gamma = Gamma(gamma_mode, self.gamma, img_dim)
+        model = CacheModel(cache_keys(support), support.labels, text_classifier, self.logit_scale,
+                           train_keys=train and self.train_keys, text=text, gamma=gamma)
+        return model.to(self.device), source
+
+    def _search(self, fv: torch.Tensor, yv: torch.Tensor) -> dict:
+        """(γ,) β, α on validation with the (trained) model; sets alpha_, beta_, beta_t_ and the final γ."""
+        m = self.model_
+        betas, alphas = self._betas(), self._alphas()
+        with torch.no_grad():
+            zs, img_sim = m.zero_shot(fv), fv @ m.keys.T
+            if self._text_off():
+                txt_sim, gammas = None, None
+            else:
+                txt_sim = m.text.class_sim(fv)
+                if self.gamma_mode == "search":
+                    gammas = self.gamma_grid
+                elif self.gamma_mode == "per-sample":
+                    gammas = m.gamma(fv)[:, 0]
+                else:
+                    gammas = [float(m.gamma(fv))]
+            gi, bi, ai, acc = cache_grid_search(zs, yv, img_sim, m.values, betas, alphas, txt_class_sim=txt_sim,
+                                                txt_counts=m.text.counts, gammas=gammas, txt_beta=self.beta_text)
+        self.alpha_, self.beta_ = alphas[ai], betas[bi]
+        self.beta_t_ = self.beta_ if self.beta_text is None else float(self.beta_text)
+        if self.gamma_mode == "search":
+            m.gamma.value = float(self.gamma_grid[gi])
+        if self.gamma_mode == "per-sample" and gammas is not None:
+            gamma_value = float(gammas.mean())
+        elif self._text_off():
+            gamma_value = 1.0
+        else:
+            gamma_value = float(gammas[gi]) if isinstance(gammas, list) else float(m.gamma(fv))
+        return {"alpha": float(self.alpha_), "beta": float(self.beta_), "beta_text": float(self.beta_t_),
+                "beta_text_tied": self.beta_text is None, "gamma": gamma_value, "gamma_mode": self.gamma_mode,
+                "val_acc": float(acc[gi, bi, ai]), **self._grid_info()}
+
+    def decision_scores(self, features: torch.Tensor) -> torch.Tensor:
+        require_fitted(self, "model_")
+        check_features(features, self.model_.keys.shape[1])
+        self.model_.eval()
+        with torch.no_grad():
+            scores, _, _ = self.model_(features.float().to(self.device), self.alpha_, self.beta_, self.beta_t_)
+        return scores.to(features.device)
+
+
+@register("xmadapter")
+class XMAdapter(_XMBase):
+    """Trained XMAdapter: cache keys (Tip-Adapter-F init), MetaNet, Img2TxtNet and γ learned with hard-sample
+    weighted CE (Tip-Adapter-F's loop); epoch chosen on val, then α, β (β_t tied) grid-searched on val."""
+
+    training_free = False
+
+    def fit(self, support: FeatureSet, val: FeatureSet, text_classifier: torch.Tensor) -> "XMAdapter":
+        check_fit_inputs(support, val, text_classifier)
+        dev = self.device
+        self.model_, source = self._build(support, text_classifier, train=True)
+        m = self.model_
+        fv, yv = val.features.float().to(dev), val.labels.to(dev)
+        groups = []
+        if self.train_keys:
+            groups.append({"params": [m.keys], "lr": self.lr})
+        groups.append({"params": list(m.text.parameters()), "lr": self.net_lr})
+        gamma_params = list(m.gamma.parameters())
+        if gamma_params:
+            lr_g = self.gamma_lr if self.gamma_mode == "learned" else self.net_lr  # per-sample γ: a network
+            groups.append({"params": gamma_params, "lr": lr_g})
+        init_alpha = self.init_alpha * self.logit_scale / CLIP_LOGIT_SCALE
+        beta_t = None if self.beta_text is None else float(self.beta_text)
+        with seeded(self.seed):
+            best_epoch, curve = train_cache_model(
+                m, support, fv, yv, groups, epochs=self.epochs, lr=self.lr, eps=self.eps,
+                batch_size=self.batch_size, alpha=init_alpha, beta=self.init_beta, beta_t=beta_t,
+                seed=self.seed, device=dev, weight_fn=self._weight_fn())
+        m.eval()
+        chosen = self._search(fv, yv)
+        self.selected_ = {
+            **chosen, "epoch": int(best_epoch), "val_acc_per_epoch": [float(a) for a in curve],
+            "lam": self.lam, "weighting": self.weighting, "q": self.q, "disagreement": self.disagreement,
+            "text_source": source, "net_arch": self.net_arch, "text_dim": int(m.text.class_keys().shape[1]),
+            "tie_init": bool(self.tie_init), "train_keys": bool(self.train_keys),
+            "epochs": int(self.epochs), "lr": float(self.lr), "net_lr": float(self.net_lr),
+            "gamma_lr": float(self.gamma_lr), "batch_size": int(self.batch_size),
+            "init_alpha": float(init_alpha), "init_beta": float(self.init_beta), "cache_keys": key_source(support),
+        }
+        return self
+
+
+@register("xmadapter-tf")
+class XMAdapterTF(_XMBase):
+    """Training-free XMAdapter: MetaNet and Img2TxtNet are identities, so the text cache scores
+    exp(−β_t(1 − f·t̂_c)) against the class text features t_c (zero-shot classifier rows by default);
+    γ ∈ gamma_grid, β and α are grid-searched jointly on validation (gamma_mode 'search'; 'fixed' also
+    allowed). No hard-sample weighting (nothing is trained)."""
+
+    training_free = True
+    arch_default = "identity"
+
+    def __init__(self, seed: int = 0, device: str = "cpu", logit_scale: float = 100.0, *,
+                 gamma_mode: str = "search", **params) -> None:
+        if gamma_mode not in ("search", "fixed"):
+            raise ValueError(f"xmadapter-tf has nothing to train: gamma_mode must be 'search' or 'fixed', "
+                             f"got {gamma_mode!r} (use 'xmadapter' for learned γ)")
+        params.setdefault("net_arch", "identity")
+        if params["net_arch"] != "identity":
+            raise ValueError("xmadapter-tf uses identity maps for MetaNet/Img2TxtNet (untrained networks would be "
+                             "random); use 'xmadapter' for trained networks")
+        super().__init__(seed=seed, device=device, logit_scale=logit_scale, gamma_mode=gamma_mode, **params)
+
+    def fit(self, support: FeatureSet, val: FeatureSet, text_classifier: torch.Tensor) -> "XMAdapterTF":
+        check_fit_inputs(support, val, text_classifier)
+        self.model_, source = self._build(support, text_classifier, train=False)
+        fv, yv = val.features.float().to(self.device), val.labels.to(self.device)
+        chosen = self._search(fv, yv)
+        self.selected_ = {**chosen, "text_source": source, "net_arch": "identity",
+                          "cache_keys": key_source(support)}
+        if self.gamma_mode == "search":
+            self.selected_["gamma_grid"] = [float(g) for g in self.gamma_grid]
+        return self
