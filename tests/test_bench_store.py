@@ -88,3 +88,37 @@ def test_duplicate_keys_on_disk_keep_the_first(tmp_path):
 def test_row_without_key_fields_is_refused(tmp_path):
     with pytest.raises(KeyError, match="seed"):
         ResultStore(tmp_path / "r.jsonl").append({"method": "m", "backbone": "b", "dataset": "d", "shots": 1})
+
+
+def test_two_writers_never_duplicate_a_row(tmp_path):
+    path = tmp_path / "r.jsonl"
+    a, b = ResultStore(path), ResultStore(path)  # e.g. two sweeps sharing one --out folder
+    assert a.append(_row(seed=1))
+    assert not b.append(_row(seed=1))  # b catches up under the lock and sees a's row
+    assert b.append(_row(seed=2)) and a.append(_row(seed=3))
+    assert b.has(row_key(_row(seed=1))) and a.has(row_key(_row(seed=2)))
+    assert [json.loads(x)["seed"] for x in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_append_after_another_writer_was_killed_mid_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    store = ResultStore(path)
+    store.append(_row(seed=1))
+    with open(path, "ab") as fh:  # another process died while writing
+        fh.write(b'{"method": "x", "bac')
+    with pytest.warns(UserWarning, match="torn"):
+        store.append(_row(seed=2))
+    assert [json.loads(x)["seed"] for x in path.read_text().splitlines()] == [1, 2]
+
+
+def test_read_only_file_with_torn_tail(tmp_path, monkeypatch):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(_row(seed=1)) + "\n" + '{"method": "zero')
+    before = path.read_bytes()
+
+    def no_write(self, mode):
+        raise PermissionError(f"read-only: {mode}")
+
+    monkeypatch.setattr(ResultStore, "_locked", no_write)
+    store = ResultStore(path)
+    assert len(store) == 1 and store.repaired is None and path.read_bytes() == before

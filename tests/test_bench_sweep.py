@@ -79,3 +79,51 @@ def test_changed_weights_are_refused(tmp_path, data_spec):
     with pytest.raises(StaleResultsError, match="different weights"):
         run_sweep("tiny:clip", [data_spec], [1], [1, 2], ["zeroshot"], out, cache_dir=str(tmp_path / "c"),
                   augment_views=0, progress=False)
+
+
+KILLER = r"""
+import os, signal, sys
+from xmodal.bench.testing import SpyMethod, registered
+from xmodal.bench.sweep import run_sweep
+
+class Killer(SpyMethod):
+    calls = []
+    def fit(self, support, val, text_classifier):
+        if sum(1 for c in type(self).calls if c["event"] == "fit") == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real crash
+        return super().fit(support, val, text_classifier)
+
+with registered("spy-killer", Killer):
+    run_sweep("tiny:clip", [sys.argv[1]], [1, 2], [1, 2], ["zeroshot", "spy-killer"], sys.argv[2],
+              cache_dir=sys.argv[3], augment_views=1, progress=False)
+"""
+
+
+def test_sigkilled_sweep_resumes(tmp_path, data_spec):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import xmodal
+
+    repo = str(Path(list(xmodal.__path__)[0]).parent)
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", KILLER, data_spec, str(out), str(cache)], env=env, cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    first = ResultStore(out / RESULTS_FILE).rows
+    assert [(r["method"], r["shots"], r["seed"]) for r in first] == [
+        ("zeroshot", 1, 1), ("spy-killer", 1, 1), ("zeroshot", 1, 2), ("spy-killer", 1, 2), ("zeroshot", 2, 1)]
+
+    class Healthy(SpyMethod):
+        calls = []
+
+    with registered("spy-killer", Healthy):
+        result = run_sweep("tiny:clip", [data_spec], [1, 2], [1, 2], ["zeroshot", "spy-killer"], out,
+                           cache_dir=str(cache), augment_views=1, progress=False)
+    assert result.new_rows == 3 and len(result.rows) == 8 and not result.missing
+    rows = ResultStore(out / RESULTS_FILE).rows
+    assert rows[:5] == first and len({row_key(r) for r in rows}) == 8

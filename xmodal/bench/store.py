@@ -37,66 +37,73 @@ class ResultStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.repaired: str | None = None  # description of a torn tail that was cut off on open
-        self.skipped_lines: list[int] = []  # 1-based numbers of unparsable lines (kept in the file)
+        self.repaired: str | None = None  # what was done to a torn tail (None: nothing to repair)
+        self.skipped_lines: list[int] = []  # 1-based numbers of unparsable lines (left in the file)
         self._rows: list[dict[str, Any]] = []
         self._index: dict[RowKey, int] = {}
-        self._load()
+        self._size = 0  # bytes of the file already parsed (always ends on a line boundary)
+        self._lines = 0
+        if self.path.exists():
+            try:
+                with self._locked("r+b") as fh:
+                    self._catch_up(fh, repair=True)
+            except PermissionError:  # a read-only results file: skip a torn tail instead of repairing it
+                with open(self.path, "rb") as fh:
+                    self._catch_up(fh, repair=False)
+        if self.skipped_lines:
+            warnings.warn(f"{self.path}: ignored {len(self.skipped_lines)} unreadable line(s) "
+                          f"(line numbers {self.skipped_lines[:5]})", stacklevel=2)
 
     # ----- reading ----------------------------------------------------------------------
-    def _load(self) -> None:
-        if not self.path.exists():
+    def _catch_up(self, fh, repair: bool) -> None:
+        """Parse what other writers appended since we last looked; repair a torn tail (lock held)."""
+        end = fh.seek(0, os.SEEK_END)
+        if end < self._size:  # replaced or truncated behind our back: start over
+            self._rows, self._index, self._size, self._lines = [], {}, 0, 0
+        if end == self._size:
             return
-        try:
-            with self._locked("r+b") as fh:
-                data = fh.read()
-                cut = self._repair_tail(fh, data)
-        except PermissionError:  # read-only results file: ignore a torn tail instead of repairing it
-            data = self.path.read_bytes()
-            cut = None if data.endswith(b"\n") else data.rfind(b"\n") + 1
-        if cut is not None:
-            data = data[:cut]
-        for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        fh.seek(self._size)
+        data = fh.read(end - self._size)
+        complete = data.rfind(b"\n") + 1
+        tail = data[complete:]
+        if tail and repair and self._repair_tail(fh, tail, cut_at=self._size + complete):
+            data += b"\n"  # the tail was a whole row that only lacked its newline: keep it
+            complete = len(data)
+        for raw in data[:complete].split(b"\n")[:-1]:
+            self._lines += 1
             if not raw.strip():
                 continue
             try:
                 row = json.loads(raw)
                 key = row_key(row)
             except (ValueError, KeyError, TypeError):
-                self.skipped_lines.append(lineno)
+                self.skipped_lines.append(self._lines)
                 continue
-            if key in self._index:  # a duplicate (e.g. two concurrent writers): the first one wins
+            if key in self._index:  # a duplicate (should not happen with locking): the first one wins
                 continue
             self._index[key] = len(self._rows)
             self._rows.append(row)
-        if self.skipped_lines:
-            warnings.warn(f"{self.path}: ignored {len(self.skipped_lines)} unreadable line(s) "
-                          f"(line numbers {self.skipped_lines[:5]})", stacklevel=3)
+        self._size = fh.seek(0, os.SEEK_END) if repair else self._size + complete
 
-    def _repair_tail(self, fh, data: bytes) -> int | None:
-        """If the file does not end with a newline, its last line was torn by a killed writer.
+    def _repair_tail(self, fh, tail: bytes, cut_at: int) -> bool:
+        """A file that does not end with a newline was torn by a writer killed mid-line.
 
-        A tail that is nevertheless a complete row gets its newline back; otherwise it is truncated.
-        Returns the new length when bytes were cut, else None.
+        A tail that is nevertheless a complete row gets its newline back (returns True); otherwise
+        it is cut off (returns False).
         """
-        if not data or data.endswith(b"\n"):
-            return None
-        start = data.rfind(b"\n") + 1
-        tail = data[start:]
         try:
             row_key(json.loads(tail))
         except (ValueError, KeyError, TypeError):
-            fh.truncate(start)
+            fh.truncate(cut_at)
             _fsync(fh)
             self.repaired = f"removed a torn last line of {len(tail)} bytes"
-            warnings.warn(f"{self.path}: {self.repaired} (a previous run was interrupted mid-write)",
-                          stacklevel=4)
-            return start
+            warnings.warn(f"{self.path}: {self.repaired} (a run was interrupted mid-write)", stacklevel=4)
+            return False
         fh.seek(0, os.SEEK_END)
         fh.write(b"\n")
         _fsync(fh)
         self.repaired = "added the missing newline after the last row"
-        return None
+        return True
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -126,11 +133,16 @@ class ResultStore:
             return False
         line = (json.dumps(row, sort_keys=True, allow_nan=True, default=_json_default) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._locked("ab") as fh:
+        with self._locked("a+b") as fh:  # "a": every write lands at the end, whatever the position
+            self._catch_up(fh, repair=True)  # rows another process appended meanwhile, a torn tail
+            if key in self._index:
+                return False
             view = memoryview(line)
             while view:  # one write() almost always suffices; loop in case of a short write
                 view = view[fh.write(view):]
             _fsync(fh)
+            self._size = fh.seek(0, os.SEEK_END)
+        self._lines += 1
         self._index[key] = len(self._rows)
         self._rows.append(json.loads(line))  # exactly what a later reader will see
         return True
