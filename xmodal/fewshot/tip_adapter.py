@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from ..featureset import FeatureSet
+from ._cache import CacheModel
 from ._common import (CLIP_LOGIT_SCALE, cache_grid_search, cache_keys, check_features, check_fit_inputs, key_source,
-                      one_hot, require_fitted, tip_grid)
+                      require_fitted, tip_grid)
 from .base import FewShotMethod, register
 
 
@@ -50,25 +51,22 @@ class TipAdapter(_TipSearchMixin, FewShotMethod):
     def fit(self, support: FeatureSet, val: FeatureSet, text_classifier: torch.Tensor) -> "TipAdapter":
         check_fit_inputs(support, val, text_classifier)
         dev = self.device
-        self.text_classifier_ = text_classifier.float().to(dev)
-        self.keys_ = cache_keys(support).to(dev)
-        self.values_ = one_hot(support.labels, text_classifier.shape[0]).to(dev)
+        self.model_ = CacheModel(cache_keys(support), support.labels, text_classifier, self.logit_scale,
+                                 train_keys=False).to(dev)
         fv, yv = val.features.float().to(dev), val.labels.to(dev)
         betas, alphas = self._betas(), self._alphas()
         with torch.no_grad():
-            zs = self.logit_scale * fv @ self.text_classifier_.T
-            _, bi, ai, acc = cache_grid_search(zs, yv, fv @ self.keys_.T, self.values_, betas, alphas)
+            _, bi, ai, acc = cache_grid_search(self.model_.zero_shot(fv), yv, fv @ self.model_.keys.T,
+                                               self.model_.values, betas, alphas)
         self.alpha_, self.beta_ = alphas[ai], betas[bi]
         self.selected_ = {"alpha": float(self.alpha_), "beta": float(self.beta_),
                           "val_acc": float(acc[0, bi, ai]), "cache_keys": key_source(support),
-                          "cache_size": int(self.keys_.shape[0]), **self._grid_info()}
+                          "cache_size": int(self.model_.keys.shape[0]), **self._grid_info()}
         return self
 
     def decision_scores(self, features: torch.Tensor) -> torch.Tensor:
-        require_fitted(self, "keys_")
-        check_features(features, self.keys_.shape[1])
-        f = features.float().to(self.device)
+        require_fitted(self, "model_")
+        check_features(features, self.model_.keys.shape[1])
         with torch.no_grad():
-            affinity = torch.exp(-self.beta_ * (1 - f @ self.keys_.T))
-            scores = self.logit_scale * f @ self.text_classifier_.T + self.alpha_ * affinity @ self.values_
+            scores, _, _ = self.model_(features.float().to(self.device), self.alpha_, self.beta_)
         return scores.to(features.device)
