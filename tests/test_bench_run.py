@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from xmodal.backbones import load_backbone
-from xmodal.bench.run import ROW_FIELDS, FeatureBank, UnknownMethodError, resolve_methods, run_episode
+from xmodal.bench.run import ROW_FIELDS, FeatureBank, ProtocolError, UnknownMethodError, resolve_methods, run_episode
 from xmodal.bench.testing import SpyMethod, make_tiny_imagefolder, registered
 from xmodal.data import fewshot_split, load_dataset
 from xmodal.featureset import FeatureSet
@@ -104,3 +104,13 @@ def test_unknown_method_lists_available():
         resolve_methods("zeroshot,nope")
     assert resolve_methods("zeroshot") == ["zeroshot"]
     assert "zeroshot" in resolve_methods("all")
+
+
+def test_overlapping_splits_are_refused(tiny):
+    def leaky_split(dataset, shots, seed):
+        split = fewshot_split(dataset, shots, seed)
+        split.val = split.val + split.test[:1]
+        return split
+
+    with pytest.raises(ProtocolError, match="test image"):
+        run_episode(_bank(tiny), 1, 1, "zeroshot", split_fn=leaky_split)

@@ -1,9 +1,9 @@
 """Experiment harness: few-shot episodes, resumable sweeps, result store, tables and plots."""
-from .run import AUGMENT_SCOPES, ROW_FIELDS, FeatureBank, UnknownMethodError, resolve_methods, run_episode
+from .run import AUGMENT_SCOPES, ROW_FIELDS, FeatureBank, ProtocolError, UnknownMethodError, resolve_methods, run_episode
 from .store import ResultStore, read_rows, row_key
 from .table import markdown_table, summarize
 
-__all__ = ["AUGMENT_SCOPES", "ROW_FIELDS", "FeatureBank", "ResultStore", "UnknownMethodError", "markdown_table",
+__all__ = ["AUGMENT_SCOPES", "ROW_FIELDS", "FeatureBank", "ProtocolError", "ResultStore", "UnknownMethodError", "markdown_table",
            "read_rows", "resolve_methods", "row_key", "run_episode", "run_sweep", "summarize",
            "plot_accuracy_vs_shots"]
 

@@ -41,6 +41,10 @@ ROW_FIELDS = (
 )
 
 
+class ProtocolError(RuntimeError):
+    """An episode would break the evaluation protocol (e.g. a test image in the support or val set)."""
+
+
 class UnknownMethodError(ValueError):
     """A requested few-shot method name is not registered."""
 
@@ -244,6 +248,10 @@ def prepare_episode(bank: FeatureBank, shots: int, seed: int, *, backbone_spec: 
     split = split_fn(bank.dataset, shots, seed)
     if not split.test:
         raise ValueError(f"{_dataset_spec(bank.dataset)} has no test samples; cannot score an episode")
+    leaked = ({s.id for s in split.support} | {s.id for s in split.val}) & {s.id for s in split.test}
+    if leaked:
+        raise ProtocolError(f"{len(leaked)} test image(s) also in the support/val set (e.g. {sorted(leaked)[:3]}); "
+                            "the dataset's splits overlap, refusing to score this episode")
     support, val, test = bank.episode(split)
     text = bank.text_classifier()
     return Episode(
