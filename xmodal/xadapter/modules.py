@@ -274,6 +274,7 @@ def add_xadapter(model: nn.Module, config: XAdapterConfig, freeze_base: bool = T
             p.requires_grad_(False)
     ref = next(model.parameters())
     stack = XAdapterStack(cfg).to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    stack.train(model.training)  # follow the model's train/eval mode (dropout)
     model.add_module("xadapter", stack)
     for idx in cfg.layers:
         stack._handles.append(layers[idx].register_forward_hook(_LayerHook(stack, idx)))

@@ -1,0 +1,246 @@
+"""CLI for the X-adapter: ``xmodal xadapter train``, ``xmodal probe colors``, ``xmodal glue``.
+
+``register(app)`` adds them to the main typer app (the ``xadapter`` group also gets ``bank`` from
+``xmodal.xadapter.bank_cli`` when that module is present). Every command takes ``--json`` and then
+prints exactly one JSON document on stdout (logs and progress go to stderr).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import XmodalError
+
+xadapter_app = typer.Typer(help="X-adapter: visual knowledge for text-only PLMs (papers.md part A).",
+                           no_args_is_help=True)
+probe_app = typer.Typer(help="Zero-shot probes of masked language models.", no_args_is_help=True)
+_registered_bank = False
+
+
+def _logger(json_out: bool):
+    return lambda msg: typer.echo(msg, err=json_out)
+
+
+def _fail(exc: Exception, json_out: bool) -> None:
+    if json_out:
+        typer.echo(json.dumps({"error": str(exc), "type": type(exc).__name__}))
+    else:
+        typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(1)
+
+
+def _emit(result: dict, json_out: bool, human) -> None:
+    if json_out:
+        typer.echo(json.dumps(result, default=str))
+    else:
+        human(result)
+
+
+def _quiet_hf() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _split_files(values: List[str]) -> list[str]:
+    return [p for v in values for p in v.split(",") if p.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+@xadapter_app.command("train")
+def train_command(
+    plm: str = typer.Option("minilm", "--plm", help="PLM: 'minilm' (packaged MiniLM-L6), a local HF folder, or a hub id (offline: must be cached)"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="VLM spec (default: the bank's backbone, else bridge:lite0-minilm)"),
+    bank: Optional[str] = typer.Option(None, "--bank", help="retrieval bank folder (needed by the V-expert)"),
+    corpus: List[str] = typer.Option(..., "--corpus", help="jsonl ({\"text\": ...} per line) or .txt files; repeat or comma-separate"),
+    out: str = typer.Option(..., "--out", help="run folder: checkpoint.pt, train_log.jsonl, summary.json, xadapter/"),
+    steps: int = typer.Option(1000, "--steps"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    weight_decay: float = typer.Option(0.01, "--weight-decay"),
+    warmup_ratio: float = typer.Option(0.1, "--warmup-ratio"),
+    mask_ratio: float = typer.Option(0.15, "--mask-ratio"),
+    max_length: int = typer.Option(64, "--max-length"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (multi-GPU: run under `accelerate launch`)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from out/checkpoint.pt"),
+    experts: str = typer.Option("v,t", "--experts", help="v,t | v | t"),
+    layers: str = typer.Option("top2", "--layers", help="top2 | top-N | all | top-half | bottom-half | 4,5"),
+    heads: int = typer.Option(4, "--heads"),
+    attn_dim: Optional[int] = typer.Option(None, "--attn-dim", help="cross-attention width (default hidden/4)"),
+    proj_dim: Optional[int] = typer.Option(None, "--proj-dim", help="CLIP projection width (default attn-dim)"),
+    bottleneck: int = typer.Option(128, "--bottleneck"),
+    feature_source: str = typer.Option("pooled", "--features", help="pooled | tokens"),
+    k: int = typer.Option(4, "--k", help="images retrieved per text"),
+    seed: int = typer.Option(0, "--seed"),
+    save_every: int = typer.Option(500, "--save-every", help="checkpoint every N steps"),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop after N steps in this invocation (checkpoint kept; continue with --resume)"),
+    max_texts: Optional[int] = typer.Option(None, "--max-texts", help="use only the first N corpus texts"),
+    json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
+) -> None:
+    """MLM adaptation: train X-adapters on a caption corpus with retrieved images (PLM and CLIP frozen)."""
+    from .train import TrainArgs, train_mlm
+
+    _quiet_hf()
+    args = TrainArgs(plm=plm, backbone=backbone, bank=bank, corpus=_split_files(corpus), out=out, steps=steps,
+                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                     mask_ratio=mask_ratio, max_length=max_length, device=device, resume=resume, seed=seed,
+                     experts=experts, layers=layers, heads=heads, attn_dim=attn_dim, proj_dim=proj_dim,
+                     bottleneck=bottleneck, feature_source=feature_source, k=k, save_every=save_every,
+                     stop_after=stop_after, max_texts=max_texts, progress=not json_out)
+    try:
+        summary = train_mlm(args, log=_logger(json_out))
+    except (XmodalError, OSError) as exc:
+        _fail(exc, json_out)
+
+    def human(s):
+        state = "finished" if s["finished"] else f"stopped at step {s['steps_done']} (continue with --resume)"
+        typer.echo(f"{state}: loss {s['first_loss']:.4f} -> {s['last_loss']:.4f} in {s['seconds']}s; "
+                   f"log {s['log']}" + (f"; adapter {s['xadapter']}" if s.get("xadapter") else ""))
+
+    _emit(summary, json_out, human)
+
+
+# ----------------------------------------------------------------------------------------------
+@probe_app.command("colors")
+def probe_colors_command(
+    data: str = typer.Option(..., "--data", help="Memory Colors (Index,Descriptor,Item,Color) or Color Terms (object,color) CSV"),
+    plm: str = typer.Option("minilm", "--plm"),
+    xadapter: Optional[str] = typer.Option(None, "--xadapter", help="X-adapter folder (from `xmodal xadapter train`)"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="VLM spec (default: the adapter's)"),
+    bank: Optional[str] = typer.Option(None, "--bank", help="retrieval bank (needed when the V-expert is on)"),
+    templates: str = typer.Option("valm", "--templates", help="valm (VaLM's 9; alias valag) | norlund (13)"),
+    experts: Optional[str] = typer.Option(None, "--experts", help="v,t | v | t | none (default: all of the adapter's)"),
+    trailing_period: bool = typer.Option(False, "--trailing-period", help="add '.' after the mask (VaLM templates)"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
+) -> None:
+    """Zero-shot object-colour probe: accuracy over template x object, argmax within the dataset's colours."""
+    _quiet_hf()
+    try:
+        result = run_probe(data, plm, xadapter, backbone, bank, templates, experts, trailing_period, batch_size,
+                           device, log=_logger(json_out))
+    except (XmodalError, OSError) as exc:
+        _fail(exc, json_out)
+
+    def human(r):
+        typer.echo(f"colour probe on {r['data']} ({r['n_objects']} objects x {r['n_templates']} templates), "
+                   f"experts: {','.join(r['experts']) or 'none'}")
+        for row in r["per_template"]:
+            typer.echo(f"  {row['accuracy']:6.2f}  {row['template']}")
+        typer.echo(f"accuracy {r['accuracy']:.2f}%  (candidates: {', '.join(r['candidates'])})")
+
+    _emit(result, json_out, human)
+
+
+def run_probe(data, plm="minilm", xadapter=None, backbone=None, bank=None, templates="valm", experts=None,
+              trailing_period=False, batch_size=64, device="auto", log=print) -> dict:
+    from .context import DEFAULT_BACKBONE, ContextBuilder, load_bank
+    from .glue import _device
+    from .modules import get_xadapter, load_xadapter, read_xadapter_meta
+    from .plm import load_mlm
+    from .probe import probe_colors, read_color_csv
+
+    dev = _device(device)
+    items = read_color_csv(data)
+    model, tokenizer, new_head, _ = load_mlm(plm)
+    builder, spec = None, None
+    if xadapter:
+        meta = read_xadapter_meta(xadapter)
+        stack = load_xadapter(model, xadapter)
+        missing = sorted(set(new_head) - set(stack.head_param_names))
+        if experts is not None:
+            stack.set_experts(experts)
+        if stack.active_experts:
+            from ..backbones import load_backbone
+
+            spec = backbone or meta["config"].get("backbone") or DEFAULT_BACKBONE
+            bb = load_backbone(spec, device=str(dev))
+            if "v" in stack.active_experts and not bank:
+                raise XmodalError("the V-expert needs --bank DIR (images to retrieve); or use --experts t / none")
+            bank_obj = load_bank(bank, bb) if "v" in stack.active_experts else None
+            builder = ContextBuilder(stack.config, bb, bank_obj, device=dev)
+        active = get_xadapter(model).active_experts
+    else:
+        missing = new_head
+        active = ()
+        if experts not in (None, "none"):
+            log("--experts ignored: no --xadapter given (plain PLM)")
+    if missing:
+        raise XmodalError(f"{plm} has no trained MLM head ({len(missing)} head parameters would be random); "
+                          "probe it through an X-adapter trained with `xmodal xadapter train` (which trains a "
+                          "head for such PLMs) via --xadapter DIR, or use a PLM that ships an MLM head")
+    model.to(dev)
+    result = probe_colors(model, tokenizer, items, templates=templates, trailing_period=trailing_period,
+                          builder=builder, batch_size=batch_size, device=dev)
+    result.update({"data": str(data), "plm": plm, "xadapter": xadapter, "backbone": spec, "bank": bank,
+                   "experts": list(active)})
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+def glue_command(
+    task: str = typer.Option(..., "--task", help="CoLA | SST-2 | MRPC | STS-B | RTE | QQP | MNLI | QNLI"),
+    data: str = typer.Option(..., "--data", help="GLUE root (with <task>/train.tsv, dev.tsv) or the task folder"),
+    plm: str = typer.Option("minilm", "--plm"),
+    xadapter: Optional[str] = typer.Option(None, "--xadapter", help="X-adapter folder (omit for the plain-PLM baseline)"),
+    experts: str = typer.Option("t", "--experts", help="v,t | v | t | none (default t: no retrieval needed, A.8)"),
+    backbone: Optional[str] = typer.Option(None, "--backbone"),
+    bank: Optional[str] = typer.Option(None, "--bank", help="retrieval bank (when the V-expert is on)"),
+    epochs: float = typer.Option(3.0, "--epochs"),
+    lr: float = typer.Option(2e-5, "--lr"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    max_length: int = typer.Option(128, "--max-length"),
+    seed: int = typer.Option(0, "--seed"),
+    max_train: Optional[int] = typer.Option(None, "--max-train", help="seeded subset of N training examples"),
+    max_eval: Optional[int] = typer.Option(None, "--max-eval", help="first N dev examples only"),
+    freeze_plm: bool = typer.Option(False, "--freeze-plm", help="train adapters + head only (A.8 reading b)"),
+    device: str = typer.Option("auto", "--device"),
+    json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
+) -> None:
+    """Fine-tune a PLM (+ X-adapter) on a GLUE task and report the dev metric."""
+    from .glue import GlueArgs, run_glue
+
+    _quiet_hf()
+    args = GlueArgs(task=task, data=data, plm=plm, xadapter=xadapter, experts=experts, backbone=backbone, bank=bank,
+                    epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
+                    max_train=max_train, max_eval=max_eval, freeze_plm=freeze_plm, device=device,
+                    progress=not json_out)
+    try:
+        result = run_glue(args, log=_logger(json_out))
+    except (XmodalError, OSError) as exc:
+        _fail(exc, json_out)
+
+    def human(r):
+        for split, metrics in r["metrics"].items():
+            typer.echo(f"{r['task']} {split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+
+    _emit(result, json_out, human)
+
+
+# ----------------------------------------------------------------------------------------------
+def register(app: typer.Typer) -> None:
+    """Add ``xadapter`` (train [+ bank]), ``probe`` (colors) and ``glue`` to the main app."""
+    global _registered_bank
+    if not _registered_bank:
+        try:
+            from .bank_cli import register_bank
+        except ImportError:
+            register_bank = None
+        if register_bank is not None:
+            register_bank(xadapter_app)
+        _registered_bank = True
+    app.add_typer(xadapter_app, name="xadapter")
+    app.add_typer(probe_app, name="probe")
+    app.command("glue")(glue_command)
+
+
+__all__ = ["xadapter_app", "probe_app", "register", "run_probe", "glue_command"]
