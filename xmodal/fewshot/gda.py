@@ -37,7 +37,9 @@ def gda_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, shrinkage
 
     μ_c class means; Σ = (1 − s)·S + s·(tr(S)/D)·I with S the pooled within-class covariance (divided by n)
     and s Ledoit-Wolf's coefficient (or the given float); W = μΣ⁻¹ (C, D), b_c = −½ μ_cΣ⁻¹μ_cᵀ + log π_c
-    with π_c the class frequencies. Computed in float64. Returns (W, b, s).
+    with π_c the class frequencies. Computed in float64. Without any within-class scatter Σ ∝ I (s = 1);
+    a singular Σ gets the smallest ridge (10⁻⁸·tr(Σ)/D upwards) that makes it positive definite.
+    Returns (W, b, s).
     """
     x = x.double()
     n, d = x.shape
@@ -51,8 +53,18 @@ def gda_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, shrinkage
     s = ledoit_wolf_shrinkage(xc, cov) if shrinkage == "ledoit-wolf" else float(shrinkage)
     if not 0.0 <= s <= 1.0:
         raise ValueError(f"shrinkage must be 'ledoit-wolf' or a number in [0, 1], got {shrinkage!r}")
-    cov = (1 - s) * cov + s * (torch.trace(cov) / d) * torch.eye(d, dtype=x.dtype, device=x.device)
-    w = torch.linalg.solve(cov, means.T).T                         # μΣ⁻¹ (Σ symmetric)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    scale = float(torch.trace(cov)) / d
+    if scale <= 1e-12:  # no within-class scatter (e.g. 1 shot, no views): Σ ∝ I, nearest class mean
+        cov, s, scale = eye / d, 1.0, 1.0 / d
+    else:
+        cov = (1 - s) * cov + s * scale * eye
+    chol, info = torch.linalg.cholesky_ex(cov)
+    ridge = 1e-8
+    while int(info) != 0 and ridge < 1:  # singular Σ (s = 0 with n < D): add the smallest ridge that works
+        chol, info = torch.linalg.cholesky_ex(cov + ridge * scale * eye)
+        ridge *= 10
+    w = torch.cholesky_solve(means.T, chol).T                      # μΣ⁻¹ (Σ symmetric)
     b = -0.5 * (w * means).sum(1) + torch.log(counts / n)
     return w, b, s
 
