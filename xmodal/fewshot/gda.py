@@ -73,7 +73,7 @@ def gda_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, shrinkage
 class GDA(FewShotMethod):
     """logits = logit_scale·f Wᵀ + α·(f W_gdaᵀ + b_gda), α from a log grid chosen on val (first best, i.e. the
     smallest α among ties). With ``use_views`` the augmented-view embeddings are extra samples for the class
-    means and covariance (as GDA's reference code uses augmented images)."""
+    means and covariance (our reading; see docs/fewshot.md)."""
 
     training_free = True
 
