@@ -123,8 +123,7 @@ def _run_tower(backbone: VisionLanguageBackbone, dataset: ImageDataset, samples:
             skipped.extend(errors)
             if pixels is not None:
                 pixels = pixels.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     out = fn(pixels)
                 outputs.append(out.float().cpu())

@@ -1,0 +1,187 @@
+"""The ``xmodal`` command.
+
+Foundation commands live here (backbones, datasets, features, zeroshot); the few-shot harness
+(``fewshot``, ``bench``) and the X-adapter commands (``xadapter``, ``probe``, ``glue``) register
+themselves from their packages. Every command that produces a result accepts ``--json`` and then
+prints exactly one JSON document on stdout (progress bars go to stderr).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Cross-modal adapters: few-shot CLIP adaptation and visual knowledge for language models.")
+
+DEFAULT_BACKBONE = "bridge:lite0-minilm"
+
+
+def _emit_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _fail(exc: Exception, as_json: bool) -> None:
+    if as_json:
+        _emit_json({"error": str(exc), "type": type(exc).__name__})
+    else:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def backbones(as_json: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
+    """List backbone specs."""
+    from .backbones import KNOWN_SPECS
+
+    if as_json:
+        _emit_json(KNOWN_SPECS)
+        return
+    for spec, text in KNOWN_SPECS.items():
+        typer.echo(f"{spec:34s} {text}")
+
+
+@app.command()
+def datasets(as_json: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
+    """List dataset spec forms and the CoOp registry."""
+    from .data import COOP_DATASETS, DATASET_SPECS
+
+    registry = {name: {"folder": i.folder, "image_dir": i.image_dir, "split_file": i.split_file,
+                       "templates": i.templates} for name, i in COOP_DATASETS.items()}
+    if as_json:
+        _emit_json({"specs": DATASET_SPECS, "coop": registry})
+        return
+    for spec, text in DATASET_SPECS.items():
+        typer.echo(f"{spec:24s} {text}")
+    typer.echo("\nCoOp datasets (coop:NAME@ROOT):")
+    for name, info in registry.items():
+        typer.echo(f"  {name:15s} $ROOT/{info['folder']}/{info['image_dir']}  {info['split_file'] or ''}")
+
+
+@app.command()
+def features(
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone spec (see `xmodal backbones`)."),
+    data: str = typer.Option(..., help="Dataset spec (see `xmodal datasets`)."),
+    split: str = typer.Option("test", help="Split to embed."),
+    augment_views: int = typer.Option(0, help="Also embed this many random augmented views per image."),
+    augment_seed: int = typer.Option(0, help="Seed of the augmented views."),
+    cache_dir: str = typer.Option(".xmodal-cache", help="Feature cache folder."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 ... or auto."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (half precision only on GPU)."),
+    workers: int = typer.Option(0, help="Data-loader worker processes."),
+    skip_corrupt: bool = typer.Option(False, help="Skip unreadable images with a warning instead of failing."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Embed a dataset split with a backbone, into the on-disk cache (a second run reads the cache)."""
+    from .backbones import load_backbone
+    from .data import load_dataset
+    from .features import extract_features
+
+    try:
+        t0 = time.perf_counter()
+        bb = load_backbone(backbone, device=_device(device), cache_dir=cache_dir)
+        ds = load_dataset(data)
+        t1 = time.perf_counter()
+        fs = extract_features(bb, ds, split, augment_views=augment_views, augment_seed=augment_seed,
+                              cache_dir=cache_dir, batch_size=batch_size, dtype=dtype, num_workers=workers,
+                              skip_corrupt=skip_corrupt, progress=not as_json)
+        t2 = time.perf_counter()
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, never a traceback dump
+        from .errors import XmodalError
+
+        if isinstance(exc, (XmodalError, ValueError, KeyError, FileNotFoundError)):
+            _fail(exc, as_json)
+        raise
+    out = {"backbone": bb.name, "fingerprint": bb.fingerprint(), "dataset": ds.name, "split": split,
+           "n": len(fs), "dim": fs.dim, "augment_views": augment_views, "load_seconds": round(t1 - t0, 3),
+           "extract_seconds": round(t2 - t1, 3), "cache_dir": cache_dir}
+    if as_json:
+        _emit_json(out)
+    else:
+        typer.echo(f"{out['n']} x {out['dim']} features of {ds.name}/{split} with {bb.name} "
+                   f"in {out['extract_seconds']:.2f} s (cache: {cache_dir})")
+
+
+@app.command()
+def zeroshot(
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone spec (see `xmodal backbones`)."),
+    data: str = typer.Option(..., help="Dataset spec (see `xmodal datasets`)."),
+    split: str = typer.Option("test", help="Split to evaluate."),
+    templates: Optional[str] = typer.Option(None, help="Prompt templates separated by '|' (default: the dataset's)."),
+    cache_dir: str = typer.Option(".xmodal-cache", help="Feature cache folder."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="cpu, cuda ... or auto."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (GPU)."),
+    workers: int = typer.Option(0, help="Data-loader worker processes."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Zero-shot top-1 accuracy with the prompt-ensemble text classifier."""
+    from .backbones import load_backbone
+    from .data import load_dataset
+    from .errors import XmodalError
+    from .features import extract_features
+    from .zeroshot import text_classifier
+
+    try:
+        bb = load_backbone(backbone, device=_device(device), cache_dir=cache_dir)
+        ds = load_dataset(data)
+        tpl = templates.split("|") if templates else list(ds.templates)
+        t0 = time.perf_counter()
+        fs = extract_features(bb, ds, split, cache_dir=cache_dir, batch_size=batch_size, dtype=dtype,
+                              num_workers=workers, progress=not as_json)
+        weights = text_classifier(bb, ds.classnames, tpl)
+    except (XmodalError, ValueError, KeyError, FileNotFoundError) as exc:
+        _fail(exc, as_json)
+    pred = (fs.features @ weights.T).argmax(1)
+    correct = pred == fs.labels
+    per_class = {name: round(correct[fs.labels == c].float().mean().item(), 4)
+                 for c, name in enumerate(ds.classnames) if (fs.labels == c).any()}
+    out = {"top1": round(correct.float().mean().item(), 4), "n": len(fs), "backbone": bb.name,
+           "fingerprint": bb.fingerprint(), "stand_in": bb.is_stand_in, "dataset": ds.name, "split": split,
+           "templates": tpl, "per_class": per_class, "seconds": round(time.perf_counter() - t0, 2)}
+    if as_json:
+        _emit_json(out)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Zero-shot on {ds.name}/{split} — {bb.name}")
+    table.add_column("class")
+    table.add_column("top-1", justify="right")
+    for name, acc in per_class.items():
+        table.add_row(name, f"{100 * acc:.1f}")
+    table.add_row("[bold]all[/bold]", f"[bold]{100 * out['top1']:.2f}[/bold]")
+    Console().print(table)
+    typer.echo(f"{out['n']} images, {len(tpl)} prompt template(s); chance = {100 / len(ds.classnames):.1f}%")
+
+
+def _register_subcommands() -> None:
+    from .bench.cli import register as register_bench
+    from .xadapter.cli import register as register_xadapter
+
+    register_bench(app)
+    register_xadapter(app)
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
