@@ -1,0 +1,34 @@
+"""Shared fixtures: offline mode, seeded RNGs, a tiny generated ImageFolder, the shared data folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data folder {SHARED} not present")
+    return SHARED
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    from xmodal.bench.testing import make_tiny_imagefolder
+
+    return make_tiny_imagefolder(tmp_path / "imgs", classes=3, train=8, test=4)
