@@ -132,26 +132,15 @@ def zeroshot(
     from .backbones import load_backbone
     from .data import load_dataset
     from .errors import XmodalError
-    from .features import extract_features
-    from .zeroshot import text_classifier
+    from .zeroshot import evaluate_zeroshot
 
     try:
         bb = load_backbone(backbone, device=_device(device), cache_dir=cache_dir)
         ds = load_dataset(data)
-        tpl = templates.split("|") if templates else list(ds.templates)
-        t0 = time.perf_counter()
-        fs = extract_features(bb, ds, split, cache_dir=cache_dir, batch_size=batch_size, dtype=dtype,
-                              num_workers=workers, progress=not as_json)
-        weights = text_classifier(bb, ds.classnames, tpl)
+        out = evaluate_zeroshot(bb, ds, split, templates.split("|") if templates else None, cache_dir=cache_dir,
+                                batch_size=batch_size, dtype=dtype, num_workers=workers, progress=not as_json)
     except (XmodalError, ValueError, KeyError, FileNotFoundError) as exc:
         _fail(exc, as_json)
-    pred = (fs.features @ weights.T).argmax(1)
-    correct = pred == fs.labels
-    per_class = {name: round(correct[fs.labels == c].float().mean().item(), 4)
-                 for c, name in enumerate(ds.classnames) if (fs.labels == c).any()}
-    out = {"top1": round(correct.float().mean().item(), 4), "n": len(fs), "backbone": bb.name,
-           "fingerprint": bb.fingerprint(), "stand_in": bb.is_stand_in, "dataset": ds.name, "split": split,
-           "templates": tpl, "per_class": per_class, "seconds": round(time.perf_counter() - t0, 2)}
     if as_json:
         _emit_json(out)
         return
@@ -161,11 +150,11 @@ def zeroshot(
     table = Table(title=f"Zero-shot on {ds.name}/{split} — {bb.name}")
     table.add_column("class")
     table.add_column("top-1", justify="right")
-    for name, acc in per_class.items():
+    for name, acc in out["per_class"].items():
         table.add_row(name, f"{100 * acc:.1f}")
     table.add_row("[bold]all[/bold]", f"[bold]{100 * out['top1']:.2f}[/bold]")
     Console().print(table)
-    typer.echo(f"{out['n']} images, {len(tpl)} prompt template(s); chance = {100 / len(ds.classnames):.1f}%")
+    typer.echo(f"{out['n']} images, {len(out['templates'])} prompt template(s); chance = {100 / len(ds.classnames):.1f}%")
 
 
 def _register_subcommands() -> None:

@@ -16,3 +16,23 @@ def text_classifier(backbone: VisionLanguageBackbone, classnames: list[str], tem
         emb = backbone.encode_texts([t.format(name.replace("_", " ")) for t in templates])
         rows.append(F.normalize(emb.float().mean(0), dim=-1))
     return torch.stack(rows).cpu()
+
+
+def evaluate_zeroshot(backbone: VisionLanguageBackbone, dataset, split: str = "test",
+                      templates: list[str] | None = None, **extract_options) -> dict:
+    """Zero-shot top-1 (overall and per class) of ``backbone`` on a dataset split, with provenance."""
+    import time
+
+    from .features import extract_features
+
+    tpl = list(templates or dataset.templates)
+    t0 = time.perf_counter()
+    fs = extract_features(backbone, dataset, split, **extract_options)
+    weights = text_classifier(backbone, dataset.classnames, tpl)
+    correct = (fs.features @ weights.T).argmax(1) == fs.labels
+    per_class = {name: round(correct[fs.labels == c].float().mean().item(), 4)
+                 for c, name in enumerate(dataset.classnames) if (fs.labels == c).any()}
+    return {"top1": round(correct.float().mean().item(), 4), "n": len(fs), "backbone": backbone.name,
+            "backbone_spec": backbone.spec, "fingerprint": backbone.fingerprint(), "stand_in": backbone.is_stand_in,
+            "dataset": dataset.name, "split": split, "templates": tpl, "per_class": per_class,
+            "seconds": round(time.perf_counter() - t0, 2)}
