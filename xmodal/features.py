@@ -160,7 +160,7 @@ def _cached(path: Path, compute: Callable[[], tuple[list[str], dict[str, torch.T
 def _key_meta(backbone: VisionLanguageBackbone, dataset: ImageDataset, split: str, samples: list[Sample],
               pipeline: str, kind: str, dtype: torch.dtype, **extra) -> dict:
     return {
-        "kind": kind, "backbone": backbone.spec, "fingerprint": backbone.fingerprint(), "dataset": dataset.name,
+        "kind": kind, "backbone": backbone.spec, "fingerprint": backbone.fingerprint(), "dataset": dataset.cache_id,
         "split": split, "samples": stable_hash(_sample_signature(samples), 32), "n": len(samples),
         "pipeline": pipeline, "dtype": str(dtype), **extra,
     }

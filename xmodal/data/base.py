@@ -44,6 +44,11 @@ class ImageDataset(abc.ABC):
             raise NotImplementedError(f"{type(self).__name__} must override load_image for in-memory samples")
         return open_rgb(sample.path)
 
+    @property
+    def cache_id(self) -> str:
+        """Identity used in feature-cache keys (two specs naming the same files share features)."""
+        return self.name
+
     def describe(self) -> str:
         sizes = ", ".join(f"{s}={len(self.samples(s))}" for s in self.splits())
         return f"{self.name}: {len(self.classnames)} classes; {sizes}"

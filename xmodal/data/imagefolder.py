@@ -34,6 +34,10 @@ class ImageFolderDataset(ImageDataset):
         self.templates = templates or list(SIMPLE)
         self._cache: dict[str, list[Sample]] = {}
 
+    @property
+    def cache_id(self) -> str:
+        return f"imagefolder:{self.root.resolve()}"
+
     def splits(self) -> list[str]:
         return list(self._splits)
 
