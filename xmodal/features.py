@@ -43,6 +43,7 @@ class ExtractOptions:
     num_workers: int = 0
     skip_corrupt: bool = False
     progress: bool = True
+    decode: str = "pil"  # "pil" (CPU workers) or "tensor" (torchvision decode on the model's device)
 
 
 class _Rows(Dataset):
@@ -58,15 +59,30 @@ class _Rows(Dataset):
 
     def __getitem__(self, i: int):
         sample = self.samples[i]
-        if self.seed is not None:
-            torch.manual_seed((self.seed * 1_000_003 + zlib.crc32(sample.id.encode())) % (2**63))
+        if self.transform is None:  # tensor-decode path: hand over the encoded file
+            from torchvision.io import read_file
+
+            if sample.path is None:
+                raise ValueError("decode='tensor' needs file-backed images; use decode='pil' for in-memory datasets")
+            try:
+                return (i, (read_file(sample.path), sample.path), None)
+            except RuntimeError as exc:
+                if self.skip_corrupt:
+                    return (i, None, f"{sample.path}: {exc}")
+                raise CorruptImageError(f"cannot read image {sample.path}: {exc}") from exc
         try:
             img = self.dataset.load_image(sample)
         except CorruptImageError as exc:
             if self.skip_corrupt:
                 return (i, None, str(exc))
             raise
-        return (i, self.transform(img), None)
+        if self.seed is None:
+            return (i, self.transform(img), None)
+        # torchvision's random transforms draw from the global generator: seed it per sample, then put
+        # the caller's random state back so extraction (or a cache hit) never shifts later draws
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + zlib.crc32(sample.id.encode())) % (2**63))
+            return (i, self.transform(img), None)
 
 
 def _collate(batch):
@@ -75,7 +91,7 @@ def _collate(batch):
     if not kept:
         return torch.empty(0, dtype=torch.long), None, errors
     idx, xs = zip(*kept)
-    return torch.tensor(idx), torch.stack(xs), errors
+    return torch.tensor(idx), (list(xs) if isinstance(xs[0], tuple) else torch.stack(xs)), errors
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -111,6 +127,12 @@ def _run_tower(backbone: VisionLanguageBackbone, dataset: ImageDataset, samples:
                seed: int | None, desc: str) -> tuple[list[int], torch.Tensor]:
     device = backbone.device
     dtype = _resolve_dtype(opts.dtype, device)
+    if opts.decode == "tensor":
+        if seed is not None:
+            raise ValueError("augmented views need decode='pil' (the random crops run on PIL images)")
+        transform = None
+    elif opts.decode != "pil":
+        raise ValueError(f"decode must be 'pil' or 'tensor', got {opts.decode!r}")
     loader = DataLoader(_Rows(dataset, samples, transform, seed, opts.skip_corrupt), batch_size=opts.batch_size,
                         shuffle=False, num_workers=opts.num_workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda", persistent_workers=False)
@@ -122,6 +144,11 @@ def _run_tower(backbone: VisionLanguageBackbone, dataset: ImageDataset, samples:
         for idx, pixels, errors in loader:
             skipped.extend(errors)
             if pixels is not None:
+                if isinstance(pixels, list):  # encoded files from the tensor-decode path
+                    from .tensor_decode import decode_batch, preprocess_batch
+
+                    images = decode_batch([b for b, _ in pixels], [p for _, p in pixels], device)
+                    pixels = preprocess_batch(images, backbone.image_size, backbone.mean, backbone.std)
                 pixels = pixels.to(device, non_blocking=True)
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -140,43 +167,68 @@ def _run_tower(backbone: VisionLanguageBackbone, dataset: ImageDataset, samples:
 def _cached(path: Path, compute: Callable[[], tuple[list[str], dict[str, torch.Tensor]]],
             meta: dict) -> tuple[list[str], dict[str, torch.Tensor], bool]:
     """Load ``path`` if present, else compute and write it atomically. Returns (ids, tensors, hit)."""
+    side = path.with_suffix(".json")
     if path.is_file():
         try:
             tensors = load_file(str(path))
-            with open(path.with_suffix(".json")) as fh:
+            with open(side) as fh:
                 ids = json.load(fh)["ids"]
+            if any(t.shape[0] != len(ids) for t in tensors.values()):
+                raise ValueError(f"{len(ids)} ids for {[tuple(t.shape) for t in tensors.values()]} rows")
             return ids, tensors, True
         except Exception as exc:  # a damaged cache entry is recomputed, never trusted
-            warnings.warn(f"ignoring unreadable feature cache {path}: {exc}", stacklevel=3)
+            warnings.warn(f"ignoring unreadable feature cache {path}: {exc!r}", stacklevel=3)
     ids, tensors = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps({"ids": ids, "meta": meta}))
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    try:  # tensors first, then the id list; a failure in either leaves no entry behind
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        with atomic_path(side) as tmp:
+            tmp.write_text(json.dumps({"ids": ids, "meta": meta}))
+    except BaseException:
+        for p in (path, side):
+            p.unlink(missing_ok=True)
+        raise
     return ids, tensors, False
 
 
 def _key_meta(backbone: VisionLanguageBackbone, dataset: ImageDataset, split: str, samples: list[Sample],
-              pipeline: str, kind: str, dtype: torch.dtype, **extra) -> dict:
-    return {
+              pipeline: str, kind: str, dtype: torch.dtype, skip_corrupt: bool = False, **extra) -> dict:
+    meta = {
         "kind": kind, "backbone": backbone.spec, "fingerprint": backbone.fingerprint(), "dataset": dataset.cache_id,
         "split": split, "samples": stable_hash(_sample_signature(samples), 32), "n": len(samples),
         "pipeline": pipeline, "dtype": str(dtype), **extra,
     }
+    # only added when set, so entries written before these keys existed stay valid
+    content = dataset.content_key(split)
+    if content is not None:  # in-memory arrays: ids and labels alone do not identify the pixels
+        meta["content"] = content
+    if skip_corrupt:  # an entry that may lack images is never reused by a strict run
+        meta["skip_corrupt"] = True
+    return meta
+
+
+def _pipeline(backbone: VisionLanguageBackbone, decode: str) -> str:
+    if decode == "tensor":
+        from .tensor_decode import pipeline_description
+
+        return pipeline_description(backbone.image_size, backbone.mean, backbone.std)
+    return describe(backbone.preprocess)
 
 
 def extract_features(backbone: VisionLanguageBackbone, dataset: ImageDataset, split: str, *,
                      samples: list[Sample] | None = None, augment_views: int = 0, augment_seed: int = 0,
                      cache_dir: str | Path = DEFAULT_CACHE_DIR, batch_size: int = 64, device: str | None = None,
                      dtype: str | torch.dtype | None = None, num_workers: int = 0, skip_corrupt: bool = False,
-                     progress: bool = True) -> FeatureSet:
+                     progress: bool = True, decode: str = "pil") -> FeatureSet:
     """Embeddings of ``samples`` (default: the whole split), plus ``augment_views`` augmented views.
 
     Eval features use ``backbone.preprocess``; views use ``backbone.augment_preprocess()`` with a seed per
     (augment_seed, view, sample id), so they are reproducible and independent of batching or workers.
+    ``decode="tensor"`` decodes JPEGs with torchvision on the backbone's device (batched nvJPEG on GPU)
+    for the eval features; it is a distinct preprocessing pipeline with its own cache key.
     """
-    opts = ExtractOptions(cache_dir, batch_size, device, dtype, num_workers, skip_corrupt, progress)
+    opts = ExtractOptions(cache_dir, batch_size, device, dtype, num_workers, skip_corrupt, progress, decode)
     if device is not None:
         backbone.to(device)
     samples = dataset.samples(split) if samples is None else samples
@@ -192,16 +244,17 @@ def extract_features(backbone: VisionLanguageBackbone, dataset: ImageDataset, sp
             return [by_index[i].id for i in kept], {"x": out}
         return compute
 
-    meta = _key_meta(backbone, dataset, split, samples, describe(backbone.preprocess), "eval", dt)
+    meta = _key_meta(backbone, dataset, split, samples, _pipeline(backbone, decode), "eval", dt, skip_corrupt)
     ids, tensors, _ = _cached(root / f"{stable_hash(meta)}.safetensors",
                               embed(backbone.preprocess, None, f"embed {dataset.name}/{split}"), meta)
     feats = tensors["x"]
     views = None
     if augment_views > 0:
+        opts.decode = "pil"  # random crops run on PIL images
         aug = backbone.augment_preprocess()
         per_view = []
         for v in range(augment_views):
-            vmeta = _key_meta(backbone, dataset, split, samples, describe(aug), "augment", dt,
+            vmeta = _key_meta(backbone, dataset, split, samples, describe(aug), "augment", dt, skip_corrupt,
                               view=v, augment_seed=augment_seed)
             vids, vt, _ = _cached(root / f"{stable_hash(vmeta)}.safetensors",
                                   embed(aug, augment_seed * 1000 + v, f"view {v + 1}/{augment_views}"), vmeta)
@@ -228,7 +281,7 @@ def extract_tokens(backbone: VisionLanguageBackbone, dataset: ImageDataset, spli
         backbone.to(device)
     samples = dataset.samples(split) if samples is None else samples
     dt = _resolve_dtype(dtype, backbone.device)
-    meta = _key_meta(backbone, dataset, split, samples, describe(backbone.preprocess), "tokens", dt,
+    meta = _key_meta(backbone, dataset, split, samples, describe(backbone.preprocess), "tokens", dt, skip_corrupt,
                      token_dtype=str(token_dtype))
     by_index = {i: s for i, s in enumerate(samples)}
 

@@ -21,6 +21,7 @@ class VisionLanguageBackbone(abc.ABC):
       token_dim   width of ``image_tokens`` / ``text_tokens`` outputs
       logit_scale temperature to turn cosine similarities into logits (CLIP: 100)
       is_stand_in True when this is not a real CLIP (printed next to every result)
+      image_size, mean, std   input side and normalisation (used by the tensor/GPU decode path)
     """
 
     spec: str
@@ -28,6 +29,9 @@ class VisionLanguageBackbone(abc.ABC):
     token_dim: int
     logit_scale: float = 100.0
     is_stand_in: bool = False
+    image_size: int = 224
+    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")

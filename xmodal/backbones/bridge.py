@@ -80,6 +80,7 @@ class BridgeBackbone(VisionLanguageBackbone):
     embed_dim = 1280
     token_dim = 1280
     logit_scale = BRIDGE_LOGIT_SCALE
+    image_size, mean, std = _IMAGE_SIZE, _MEAN, _STD
 
     def __init__(self, spec: str = "bridge:lite0-minilm", variant: str = "lite0-minilm",
                  cache_dir: str | Path | None = None) -> None:

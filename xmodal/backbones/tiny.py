@@ -22,6 +22,7 @@ class TinyClip(VisionLanguageBackbone):
     """Conv image tower (32 px, 4x4 spatial tokens) and hashed bag-of-words text tower, dim 32."""
 
     is_stand_in = True
+    mean, std = _MEAN, _STD
 
     def __init__(self, spec: str = "tiny:clip", seed: int = 0, dim: int = 32, image_size: int = 32,
                  vocab: int = 4096) -> None:
