@@ -135,7 +135,8 @@ def _run_tower(backbone: VisionLanguageBackbone, dataset: ImageDataset, samples:
         raise ValueError(f"decode must be 'pil' or 'tensor', got {opts.decode!r}")
     loader = DataLoader(_Rows(dataset, samples, transform, seed, opts.skip_corrupt), batch_size=opts.batch_size,
                         shuffle=False, num_workers=opts.num_workers, collate_fn=_collate,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        generator=torch.Generator().manual_seed(0))  # its base seed never draws from the caller's RNG
     kept: list[int] = []
     outputs: list[torch.Tensor] = []
     skipped: list[str] = []

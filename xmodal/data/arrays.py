@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,20 @@ class ArrayDataset(ImageDataset):
                  arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         self.name, self.classnames, self.templates = name, classnames, templates
         self._arrays = arrays
+        self._digests: dict[str, str] = {}
+
+    def content_key(self, split: str) -> str | None:
+        """SHA-256 of a split's images and labels: two copies with equal labels but other pixels differ."""
+        if split not in self._arrays:
+            return None
+        if split not in self._digests:
+            h = hashlib.sha256()
+            for arr in self._arrays[split]:
+                arr = np.ascontiguousarray(arr)
+                h.update(f"{arr.dtype.str}{arr.shape}".encode())
+                h.update(memoryview(arr).cast("B"))
+            self._digests[split] = h.hexdigest()[:32]
+        return self._digests[split]
 
     def splits(self) -> list[str]:
         return list(self._arrays)
@@ -55,10 +71,18 @@ def load_cifar10_batches(path: str | Path) -> ArrayDataset:
             if not f.is_file():
                 raise DatasetError(f"CIFAR-10 batch file {f} is missing; download cifar-10-python.tar.gz from "
                                    "https://www.cs.toronto.edu/~kriz/cifar.html and extract it under that folder")
-            with open(f, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+            try:
+                with open(f, "rb") as fh:
+                    d = pickle.load(fh, encoding="bytes")
+                x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                y = np.asarray(d[b"labels"], dtype=np.int64)
+            except Exception as exc:  # unpickling errors, missing keys, wrong sizes
+                raise DatasetError(f"CIFAR-10 batch file {f} is not a valid python batch "
+                                   f"(dict with b'data' (N, 3072) uint8 and b'labels'): {exc!r}") from exc
+            if len(x) != len(y) or (len(y) and (y.min() < 0 or y.max() > 9)):
+                raise DatasetError(f"CIFAR-10 batch file {f}: {len(x)} images but {len(y)} labels in 0..9")
+            xs.append(x)
+            ys.append(y)
         return np.concatenate(xs), np.concatenate(ys)
 
     arrays = {"train": read([f"data_batch_{i}" for i in range(1, 6)]), "test": read(["test_batch"])}
@@ -70,11 +94,15 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as fh:
             data = fh.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise DatasetError(f"cannot read idx file {path}: {exc}") from exc
+    if len(data) < 4:
+        raise DatasetError(f"{path} is truncated: no idx header")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise DatasetError(f"{path} is not an unsigned-byte idx file")
+    if len(data) < 4 + 4 * ndim:
+        raise DatasetError(f"{path} is truncated: incomplete idx header")
     shape = struct.unpack(">" + "I" * ndim, data[4: 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
@@ -92,10 +120,15 @@ def load_fashion_mnist(path: str | Path | None = None) -> ArrayDataset:
         raise DatasetError(f"Fashion-MNIST file {stem}(.gz) not found in {root}; on Debian run "
                            "`apt-get install dataset-fashion-mnist`, or pass fashion-mnist:/path/to/folder")
 
-    arrays = {
-        split: (_read_idx(find(f"{p}-images-idx3-ubyte")), _read_idx(find(f"{p}-labels-idx1-ubyte")).astype(np.int64))
-        for split, p in (("train", "train"), ("test", "t10k"))
-    }
+    arrays = {}
+    for split, p in (("train", "train"), ("test", "t10k")):
+        images, labels = _read_idx(find(f"{p}-images-idx3-ubyte")), _read_idx(find(f"{p}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DatasetError(f"Fashion-MNIST {p} files disagree: images {images.shape}, labels {labels.shape} "
+                               f"in {root}")
+        if len(labels) and labels.max() >= len(FASHION_CLASSES):
+            raise DatasetError(f"Fashion-MNIST {p} labels go up to {labels.max()}; expected 0..9")
+        arrays[split] = (images, labels.astype(np.int64))
     return ArrayDataset("fashion-mnist", FASHION_CLASSES, list(FASHION), arrays)
 
 

@@ -38,6 +38,11 @@ class ImageDataset(abc.ABC):
     def samples(self, split: str) -> list[Sample]:
         """All samples of a split, in a fixed order."""
 
+    def content_key(self, split: str) -> str | None:
+        """A digest of the pixels of an in-memory split (None for file-backed data, whose files are
+        fingerprinted by size and mtime). Part of the feature cache key."""
+        return None
+
     def load_image(self, sample: Sample) -> Image.Image:
         """Decode one sample to an RGB PIL image; a broken file raises CorruptImageError naming it."""
         if sample.path is None:

@@ -97,6 +97,9 @@ class CoopDataset(ImageDataset):
             raw = json.loads(split_path.read_text())
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{split_path} is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise DatasetError(f"{split_path} must be a JSON object {{\"train\"|\"val\"|\"test\": "
+                               f"[[relpath, label, classname], ...]}}, got {type(raw).__name__}")
         names: dict[int, str] = {}
         out: dict[str, list[Sample]] = {}
         img_root = self.dir / self.info.image_dir
@@ -105,8 +108,10 @@ class CoopDataset(ImageDataset):
             if rows:
                 out[split] = []
                 for item in rows:
-                    if len(item) != 3:
-                        raise DatasetError(f"{split_path}: entries must be [relpath, label, classname], got {item!r}")
+                    if not isinstance(item, list) or len(item) != 3 or isinstance(item[1], bool) \
+                            or not isinstance(item[1], int) or item[1] < 0:
+                        raise DatasetError(f"{split_path}: entries must be [relpath, label, classname] with an "
+                                           f"integer label >= 0, got {item!r}")
                     rel, label, cls = item
                     names.setdefault(int(label), cls)
                     out[split].append(Sample(id=rel, label=int(label), path=str(img_root / rel)))
@@ -133,7 +138,9 @@ class CoopDataset(ImageDataset):
             out[split] = []
             for line in f.read_text().splitlines():
                 if line.strip():
-                    img, variant = line.strip().split(" ", 1)
+                    img, _, variant = line.strip().partition(" ")
+                    if variant not in label_of:
+                        raise DatasetError(f"FGVCAircraft: {f} names variant {variant!r}, which is not in {variants_file}")
                     out[split].append(Sample(id=f"{img}.jpg", label=label_of[variant],
                                              path=str(self.dir / self.info.image_dir / f"{img}.jpg")))
         return out
