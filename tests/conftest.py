@@ -20,6 +20,15 @@ def _seed():
     np.random.seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small-matrix tests run faster (and steadier on a busy 2-core machine) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED.is_dir():

@@ -9,12 +9,7 @@ from xmodal.fewshot._synthetic import make_task
 from xmodal.fewshot.gda import gda_classifier, ledoit_wolf_shrinkage
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _numpy_gda(x, y, c, shrinkage=None):

@@ -17,12 +17,7 @@ EXPECTED = {"zeroshot", "linear-probe", "tip-adapter", "tip-adapter-f", "clip-ad
             "xmadapter-tf"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name, seed=0, **extra):

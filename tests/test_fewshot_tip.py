@@ -12,13 +12,7 @@ from xmodal.fewshot._common import cache_grid_search, cache_keys, tip_grid
 from xmodal.fewshot._synthetic import make_task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one intra-op thread is faster, and stable on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fs(feats, labels, views=None, name="s"):

@@ -11,12 +11,7 @@ from xmodal.fewshot._synthetic import make_task
 from xmodal.fewshot.xmadapter import hard_sample_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

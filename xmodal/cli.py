@@ -145,15 +145,10 @@ def zeroshot(
         _emit_json(out)
         return
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title=f"Zero-shot on {ds.name}/{split} — {bb.name}")
-    table.add_column("class")
-    table.add_column("top-1", justify="right")
-    for name, acc in out["per_class"].items():
-        table.add_row(name, f"{100 * acc:.1f}")
-    table.add_row("[bold]all[/bold]", f"[bold]{100 * out['top1']:.2f}[/bold]")
-    Console().print(table)
+    from .zeroshot import zeroshot_table
+
+    Console().print(zeroshot_table(out))
     typer.echo(f"{out['n']} images, {len(out['templates'])} prompt template(s); chance = {100 / len(ds.classnames):.1f}%")
 
 

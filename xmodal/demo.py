@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from .backbones import load_backbone
 from .data import load_dataset
 from .features import DEFAULT_CACHE_DIR
-from .zeroshot import evaluate_zeroshot
+from .zeroshot import evaluate_zeroshot, zeroshot_table
 
 BACKBONE = "bridge:lite0-minilm"
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
@@ -56,13 +55,7 @@ def main() -> None:
 
     console.rule("1. zero-shot (prompt-ensemble text classifier, no training)")
     zs = evaluate_zeroshot(backbone, dataset, "test", cache_dir=DEFAULT_CACHE_DIR)
-    table = Table(title=f"Zero-shot top-1 on {dataset.name}/test — {backbone.name}")
-    table.add_column("class")
-    table.add_column("top-1 %", justify="right")
-    for name, acc in zs["per_class"].items():
-        table.add_row(name, f"{100 * acc:.1f}")
-    table.add_row("[bold]all[/bold]", f"[bold]{100 * zs['top1']:.2f}[/bold]")
-    console.print(table)
+    console.print(zeroshot_table(zs))
     console.print(f"{zs['n']} test images; templates: {zs['templates'][:2]}{' ...' if len(zs['templates']) > 2 else ''}; "
                   f"chance = {100 / len(dataset.classnames):.0f}%")
 

@@ -36,3 +36,16 @@ def evaluate_zeroshot(backbone: VisionLanguageBackbone, dataset, split: str = "t
             "backbone_spec": backbone.spec, "fingerprint": backbone.fingerprint(), "stand_in": backbone.is_stand_in,
             "dataset": dataset.name, "split": split, "templates": tpl, "per_class": per_class,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def zeroshot_table(result: dict):
+    """A rich table of ``evaluate_zeroshot``'s per-class and overall top-1 (CLI and demo)."""
+    from rich.table import Table
+
+    table = Table(title=f"Zero-shot top-1 on {result['dataset']}/{result['split']} — {result['backbone']}")
+    table.add_column("class")
+    table.add_column("top-1 %", justify="right")
+    for name, acc in result["per_class"].items():
+        table.add_row(name, f"{100 * acc:.1f}")
+    table.add_row("[bold]all[/bold]", f"[bold]{100 * result['top1']:.2f}[/bold]")
+    return table
