@@ -113,3 +113,10 @@ def test_training_free_gamma_search_covers_text_cache(task):
     assert m.selected_["gamma"] in (0.0, 0.5, 1.0) and m.selected_["gamma_grid"] == [0.0, 0.5, 1.0]
     with pytest.raises(ValueError, match="nothing to train"):
         create_method("xmadapter-tf", gamma_mode="learned")
+
+
+def test_trained_default_searches_gamma_on_validation(task):
+    support, val, _, text = task
+    m = create_method("xmadapter", seed=0, epochs=3).fit(support, val, text)
+    assert m.selected_["gamma_mode"] == "search"
+    assert min(abs(m.selected_["gamma"] - 0.1 * i) for i in range(11)) < 1e-6  # a grid point, not a learned value

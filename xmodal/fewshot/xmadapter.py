@@ -183,10 +183,19 @@ class _XMBase(_TipSearchMixin, FewShotMethod):
 
 @register("xmadapter")
 class XMAdapter(_XMBase):
-    """Trained XMAdapter: cache keys (Tip-Adapter-F init), MetaNet, Img2TxtNet and γ learned with hard-sample
-    weighted CE (Tip-Adapter-F's loop); epoch chosen on val, then α, β (β_t tied) grid-searched on val."""
+    """Trained XMAdapter: cache keys (Tip-Adapter-F init), MetaNet and Img2TxtNet trained with hard-sample
+    weighted CE (Tip-Adapter-F's loop); epoch chosen on val, then γ, α, β (β_t tied) grid-searched on val.
+
+    Default ``gamma_mode="search"`` (papers.md B.3.4 option (c)): on the development protocol of
+    ``benchmarks/xmadapter_variants_dev.py`` (train images outside support/val, no test data) it beat the
+    learned scalar γ (B.3.4 option (a), still available as ``gamma_mode="learned"``); see docs/fewshot.md.
+    """
 
     training_free = False
+
+    def __init__(self, seed: int = 0, device: str = "cpu", logit_scale: float = 100.0, *,
+                 gamma_mode: str = "search", **params) -> None:
+        super().__init__(seed=seed, device=device, logit_scale=logit_scale, gamma_mode=gamma_mode, **params)
 
     def fit(self, support: FeatureSet, val: FeatureSet, text_classifier: torch.Tensor) -> "XMAdapter":
         check_fit_inputs(support, val, text_classifier)
