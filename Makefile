@@ -1,6 +1,6 @@
 # Fresh-machine entry points: `make demo` and `make test` build .venv from the pinned lock when it is
 # missing or older than requirements.txt / pyproject.toml, then run.
-PY      ?= python3.11
+PY      ?= $(shell command -v python3.11 || command -v python3)
 VENV    := .venv
 STAMP   := $(VENV)/.installed
 PYTHON  := $(VENV)/bin/python
