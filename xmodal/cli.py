@@ -7,39 +7,15 @@ prints exactly one JSON document on stdout (progress bars go to stderr).
 """
 from __future__ import annotations
 
-import json
-import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
+from .cli_util import DEFAULT_BACKBONE, emit_json, fail, resolve_device
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cross-modal adapters: few-shot CLIP adaptation and visual knowledge for language models.")
-
-DEFAULT_BACKBONE = "bridge:lite0-minilm"
-
-
-def _emit_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
-    sys.stdout.flush()
-
-
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _fail(exc: Exception, as_json: bool) -> None:
-    if as_json:
-        _emit_json({"error": str(exc), "type": type(exc).__name__})
-    else:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
-
 
 @app.command()
 def backbones(as_json: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
@@ -47,7 +23,7 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Print one JSON
     from .backbones import KNOWN_SPECS
 
     if as_json:
-        _emit_json(KNOWN_SPECS)
+        emit_json(KNOWN_SPECS)
         return
     for spec, text in KNOWN_SPECS.items():
         typer.echo(f"{spec:34s} {text}")
@@ -61,7 +37,7 @@ def datasets(as_json: bool = typer.Option(False, "--json", help="Print one JSON 
     registry = {name: {"folder": i.folder, "image_dir": i.image_dir, "split_file": i.split_file,
                        "templates": i.templates} for name, i in COOP_DATASETS.items()}
     if as_json:
-        _emit_json({"specs": DATASET_SPECS, "coop": registry})
+        emit_json({"specs": DATASET_SPECS, "coop": registry})
         return
     for spec, text in DATASET_SPECS.items():
         typer.echo(f"{spec:24s} {text}")
@@ -92,7 +68,7 @@ def features(
 
     try:
         t0 = time.perf_counter()
-        bb = load_backbone(backbone, device=_device(device), cache_dir=cache_dir)
+        bb = load_backbone(backbone, device=resolve_device(device), cache_dir=cache_dir)
         ds = load_dataset(data)
         t1 = time.perf_counter()
         fs = extract_features(bb, ds, split, augment_views=augment_views, augment_seed=augment_seed,
@@ -103,13 +79,13 @@ def features(
         from .errors import XmodalError
 
         if isinstance(exc, (XmodalError, ValueError, KeyError, FileNotFoundError)):
-            _fail(exc, as_json)
+            fail(exc, as_json)
         raise
     out = {"backbone": bb.name, "fingerprint": bb.fingerprint(), "dataset": ds.name, "split": split,
            "n": len(fs), "dim": fs.dim, "augment_views": augment_views, "load_seconds": round(t1 - t0, 3),
            "extract_seconds": round(t2 - t1, 3), "cache_dir": cache_dir}
     if as_json:
-        _emit_json(out)
+        emit_json(out)
     else:
         typer.echo(f"{out['n']} x {out['dim']} features of {ds.name}/{split} with {bb.name} "
                    f"in {out['extract_seconds']:.2f} s (cache: {cache_dir})")
@@ -135,14 +111,14 @@ def zeroshot(
     from .zeroshot import evaluate_zeroshot
 
     try:
-        bb = load_backbone(backbone, device=_device(device), cache_dir=cache_dir)
+        bb = load_backbone(backbone, device=resolve_device(device), cache_dir=cache_dir)
         ds = load_dataset(data)
         out = evaluate_zeroshot(bb, ds, split, templates.split("|") if templates else None, cache_dir=cache_dir,
                                 batch_size=batch_size, dtype=dtype, num_workers=workers, progress=not as_json)
     except (XmodalError, ValueError, KeyError, FileNotFoundError) as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     if as_json:
-        _emit_json(out)
+        emit_json(out)
         return
     from rich.console import Console
 

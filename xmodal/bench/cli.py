@@ -5,22 +5,12 @@ Human-readable output goes to stdout as rich tables; progress bars and notes go 
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
 import typer
 
-DEFAULT_BACKBONE = "bridge:lite0-minilm"
-
-
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
+from ..cli_util import DEFAULT_BACKBONE, emit_json, resolve_device
 
 def _methods_or_exit(methods: str) -> list[str]:
     from .run import UnknownMethodError, resolve_methods
@@ -55,8 +45,7 @@ def _stderr_console():
 
 
 def _emit_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    sys.stdout.flush()
+    emit_json(payload, sort_keys=True)
 
 
 def fewshot_command(
@@ -83,7 +72,7 @@ def fewshot_command(
     from ..backbones import load_backbone
     from ..data import load_dataset
 
-    dev = _device(device)
+    dev = resolve_device(device)
     bb = load_backbone(backbone, device=dev)
     ds = load_dataset(data)
     bank = FeatureBank(bb, ds, augment_views=augment_views, augment_scope=augment_scope, cache_dir=cache_dir,
@@ -143,7 +132,7 @@ def bench_command(
     err = _stderr_console()
     if len(seeds_l) < 3:
         err.print(f"[yellow]note:[/yellow] {len(seeds_l)} seed(s); averages need at least 3 to be reported")
-    dev = _device(device)
+    dev = resolve_device(device)
     result = run_sweep(backbone, datasets, shots_l, seeds_l, names, out, cache_dir=cache_dir, device=dev,
                        augment_views=augment_views, augment_scope=augment_scope, batch_size=batch_size,
                        num_workers=num_workers, progress=True)
