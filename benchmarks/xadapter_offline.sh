@@ -44,6 +44,7 @@ GLUE_SEED=${GLUE_SEED:-0}
 GLUE_LR=${GLUE_LR:-5e-5}
 GLUE_MAX_LENGTH=${GLUE_MAX_LENGTH:-128}
 GLUE_TASKS=${GLUE_TASKS:-"RTE MRPC"}
+GLUE_T_ONLY=${GLUE_T_ONLY:-1}   # also the T-expert-only rows
 FORCE=${FORCE:-0}
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -121,8 +122,10 @@ if want glue; then
         run "glue-$task-plain" "$XMODAL" glue --task "$task" --data "$GLUE_DATA" --plm "$PLM" "${budget[@]}"
         run "glue-$task-vt" "$XMODAL" glue --task "$task" --data "$GLUE_DATA" --plm "$PLM" --xadapter "$ADAPTER" \
             --bank "$BANK" --experts v,t "${budget[@]}"
-        run "glue-$task-t" "$XMODAL" glue --task "$task" --data "$GLUE_DATA" --plm "$PLM" --xadapter "$ADAPTER" \
-            --experts t "${budget[@]}"
+        if [[ $GLUE_T_ONLY == 1 ]]; then
+            run "glue-$task-t" "$XMODAL" glue --task "$task" --data "$GLUE_DATA" --plm "$PLM" --xadapter "$ADAPTER" \
+                --experts t "${budget[@]}"
+        fi
     done
 fi
 
