@@ -61,10 +61,16 @@ class ContextBuilder:
         ctx = XContext()
         if not flat:
             return ctx
+        # With both experts on pooled features, the retrieval query and the T-expert input are the same
+        # CLIP text embedding: encode each text once.
+        shared = None
+        if ("v" in experts and "t" in experts and self.config.feature_source == "pooled"
+                and self.backbone is not None and self.bank is not None):
+            shared = self.backbone.encode_texts(flat)
         if "v" in experts:
-            ctx.visual, ctx.visual_mask = self._group(self.visual_features(flat), owner, len(examples))
+            ctx.visual, ctx.visual_mask = self._group(self.visual_features(flat, shared), owner, len(examples))
         if "t" in experts:
-            ctx.text, ctx.text_mask = self._group(self.text_features(flat), owner, len(examples))
+            ctx.text, ctx.text_mask = self._group(self.text_features(flat, shared), owner, len(examples))
         return ctx
 
     def _group(self, fm: tuple[torch.Tensor, torch.Tensor], owner: list[int], n: int):
@@ -76,11 +82,18 @@ class ContextBuilder:
             masks[ex].append(mask[row])
         return _pad_cat(groups, masks, self.device)
 
-    def visual_features(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def visual_features(self, texts: list[str], query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """k retrieved images per text; ``query`` = the texts' CLIP embeddings when already computed."""
         if self.bank is None or self.backbone is None:
             raise XmodalError("the V-expert needs retrieved images: pass --bank DIR (and --backbone SPEC), "
                               "or switch it off with --experts t")
-        _, idx = self.bank.search_texts(self.backbone, texts, self.config.k)
+        if query is None:
+            _, idx = self.bank.search_texts(self.backbone, texts, self.config.k)
+        else:
+            from .bank import check_backbone
+
+            check_backbone(self.bank.meta, self.backbone, self.bank.directory)
+            _, idx = self.bank.search(query.float().cpu(), self.config.k)
         if self.config.feature_source == "pooled":
             feats = self.bank.embeddings(idx)                                  # (N, k, D)
         else:
@@ -89,11 +102,13 @@ class ContextBuilder:
         feats = _plain(feats).float().to(self.device)
         return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=self.device)
 
-    def text_features(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_features(self, texts: list[str], pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP text features for the T-expert; ``pooled`` = the texts' embeddings when already computed."""
         if self.backbone is None:
             raise XmodalError("the T-expert needs the CLIP text tower: pass --backbone SPEC")
         if self.config.feature_source == "pooled":
-            feats = _plain(self.backbone.encode_texts(texts)).float()[:, None, :]
+            emb = self.backbone.encode_texts(texts) if pooled is None else pooled
+            feats = _plain(emb).float()[:, None, :]
             mask = torch.ones(feats.shape[:2], dtype=torch.bool)
         else:
             states, mask = self.backbone.text_tokens(texts)
