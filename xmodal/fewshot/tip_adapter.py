@@ -30,6 +30,23 @@ class _TipSearchMixin:
         return {"beta_scale": float(self.beta_scale), "alpha_scale": float(self.alpha_scale),
                 "n_beta": int(self.n_beta), "n_alpha": int(self.n_alpha)}
 
+    def _search_image_cache(self, fv: torch.Tensor, yv: torch.Tensor) -> float:
+        """Grid-search (β, α) of the image cache ``self.model_`` on validation; sets alpha_, beta_; returns val acc."""
+        betas, alphas = self._betas(), self._alphas()
+        with torch.no_grad():
+            _, bi, ai, acc = cache_grid_search(self.model_.zero_shot(fv), yv, fv @ self.model_.keys.T,
+                                               self.model_.values, betas, alphas)
+        self.alpha_, self.beta_ = alphas[ai], betas[bi]
+        return float(acc[0, bi, ai])
+
+    def decision_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Image-cache scores with the selected α, β (XMAdapter overrides this to add its text cache)."""
+        require_fitted(self, "model_")
+        check_features(features, self.model_.keys.shape[1])
+        with torch.no_grad():
+            scores, _, _ = self.model_(features.float().to(self.device), self.alpha_, self.beta_)
+        return scores.to(features.device)
+
 
 @register("tip-adapter")
 class TipAdapter(_TipSearchMixin, FewShotMethod):
@@ -53,20 +70,8 @@ class TipAdapter(_TipSearchMixin, FewShotMethod):
         dev = self.device
         self.model_ = CacheModel(cache_keys(support), support.labels, text_classifier, self.logit_scale,
                                  train_keys=False).to(dev)
-        fv, yv = val.features.float().to(dev), val.labels.to(dev)
-        betas, alphas = self._betas(), self._alphas()
-        with torch.no_grad():
-            _, bi, ai, acc = cache_grid_search(self.model_.zero_shot(fv), yv, fv @ self.model_.keys.T,
-                                               self.model_.values, betas, alphas)
-        self.alpha_, self.beta_ = alphas[ai], betas[bi]
+        val_acc = self._search_image_cache(val.features.float().to(dev), val.labels.to(dev))
         self.selected_ = {"alpha": float(self.alpha_), "beta": float(self.beta_),
-                          "val_acc": float(acc[0, bi, ai]), "cache_keys": key_source(support),
+                          "val_acc": val_acc, "cache_keys": key_source(support),
                           "cache_size": int(self.model_.keys.shape[0]), **self._grid_info()}
         return self
-
-    def decision_scores(self, features: torch.Tensor) -> torch.Tensor:
-        require_fitted(self, "model_")
-        check_features(features, self.model_.keys.shape[1])
-        with torch.no_grad():
-            scores, _, _ = self.model_(features.float().to(self.device), self.alpha_, self.beta_)
-        return scores.to(features.device)

@@ -5,8 +5,7 @@ import torch
 
 from ..featureset import FeatureSet
 from ._cache import CacheModel, train_cache_model
-from ._common import (CLIP_LOGIT_SCALE, cache_grid_search, cache_keys, check_features, check_fit_inputs, key_source,
-                      require_fitted, seeded)
+from ._common import CLIP_LOGIT_SCALE, cache_keys, check_fit_inputs, key_source, seeded
 from .base import FewShotMethod, register
 from .tip_adapter import _TipSearchMixin
 
@@ -45,21 +44,10 @@ class TipAdapterF(_TipSearchMixin, FewShotMethod):
                 self.model_, support, fv, yv, [{"params": [self.model_.keys]}],
                 epochs=self.epochs, lr=self.lr, eps=self.eps, batch_size=self.batch_size,
                 alpha=init_alpha, beta=self.init_beta, beta_t=None, seed=self.seed, device=dev)
-        betas, alphas = self._betas(), self._alphas()
-        with torch.no_grad():
-            _, bi, ai, acc = cache_grid_search(self.model_.zero_shot(fv), yv, fv @ self.model_.keys.T,
-                                               self.model_.values, betas, alphas)
-        self.alpha_, self.beta_ = alphas[ai], betas[bi]
+        val_acc = self._search_image_cache(fv, yv)
         self.selected_ = {"alpha": float(self.alpha_), "beta": float(self.beta_), "epoch": int(best_epoch),
-                          "val_acc": float(acc[0, bi, ai]), "val_acc_per_epoch": [float(a) for a in curve],
+                          "val_acc": val_acc, "val_acc_per_epoch": [float(a) for a in curve],
                           "epochs": int(self.epochs), "lr": float(self.lr), "batch_size": int(self.batch_size),
                           "init_alpha": float(init_alpha), "init_beta": float(self.init_beta),
                           "cache_keys": key_source(support), **self._grid_info()}
         return self
-
-    def decision_scores(self, features: torch.Tensor) -> torch.Tensor:
-        require_fitted(self, "model_")
-        check_features(features, self.model_.keys.shape[1])
-        with torch.no_grad():
-            scores, _, _ = self.model_(features.float().to(self.device), self.alpha_, self.beta_)
-        return scores.to(features.device)
