@@ -255,8 +255,8 @@ def extract_features(backbone: VisionLanguageBackbone, dataset: ImageDataset, sp
         aug = backbone.augment_preprocess()
         per_view = []
         for v in range(augment_views):
-            vmeta = _key_meta(backbone, dataset, split, samples, describe(aug), "augment", dt, skip_corrupt,
-                              view=v, augment_seed=augment_seed)
+            # same key fields as the eval entry (sample signature computed once), other pipeline and view
+            vmeta = {**meta, "kind": "augment", "pipeline": describe(aug), "view": v, "augment_seed": augment_seed}
             vids, vt, _ = _cached(root / f"{stable_hash(vmeta)}.safetensors",
                                   embed(aug, augment_seed * 1000 + v, f"view {v + 1}/{augment_views}"), vmeta)
             if vids != ids:  # only possible when corrupt images were skipped
