@@ -13,6 +13,10 @@ from typing import Optional
 import typer
 
 from .cli_util import DEFAULT_BACKBONE, emit_json, fail, resolve_device
+from .errors import XmodalError
+
+# bad specs, paths, files or options: reported as one clear message (or JSON), never a traceback
+INPUT_ERRORS = (XmodalError, ValueError, KeyError, FileNotFoundError)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cross-modal adapters: few-shot CLIP adaptation and visual knowledge for language models.")
@@ -75,12 +79,8 @@ def features(
                               cache_dir=cache_dir, batch_size=batch_size, dtype=dtype, num_workers=workers,
                               skip_corrupt=skip_corrupt, progress=not as_json)
         t2 = time.perf_counter()
-    except Exception as exc:  # noqa: BLE001 - every failure is reported, never a traceback dump
-        from .errors import XmodalError
-
-        if isinstance(exc, (XmodalError, ValueError, KeyError, FileNotFoundError)):
-            fail(exc, as_json)
-        raise
+    except INPUT_ERRORS as exc:
+        fail(exc, as_json)
     out = {"backbone": bb.name, "fingerprint": bb.fingerprint(), "dataset": ds.name, "split": split,
            "n": len(fs), "dim": fs.dim, "augment_views": augment_views, "load_seconds": round(t1 - t0, 3),
            "extract_seconds": round(t2 - t1, 3), "cache_dir": cache_dir}
@@ -107,7 +107,6 @@ def zeroshot(
     """Zero-shot top-1 accuracy with the prompt-ensemble text classifier."""
     from .backbones import load_backbone
     from .data import load_dataset
-    from .errors import XmodalError
     from .zeroshot import evaluate_zeroshot
 
     try:
@@ -115,7 +114,7 @@ def zeroshot(
         ds = load_dataset(data)
         out = evaluate_zeroshot(bb, ds, split, templates.split("|") if templates else None, cache_dir=cache_dir,
                                 batch_size=batch_size, dtype=dtype, num_workers=workers, progress=not as_json)
-    except (XmodalError, ValueError, KeyError, FileNotFoundError) as exc:
+    except INPUT_ERRORS as exc:
         fail(exc, as_json)
     if as_json:
         emit_json(out)
