@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..fewshot.base import FewShotMethod, available_methods, create_method
+from ..errors import InputError, UsageError
 from ..featureset import FeatureSet
 from .provenance import git_commit, git_dirty, utc_timestamp, xmodal_version
 
@@ -41,11 +42,11 @@ ROW_FIELDS = (
 )
 
 
-class ProtocolError(RuntimeError):
+class ProtocolError(InputError):
     """An episode would break the evaluation protocol (e.g. a test image in the support or val set)."""
 
 
-class UnknownMethodError(ValueError):
+class UnknownMethodError(UsageError, ValueError):
     """A requested few-shot method name is not registered."""
 
 
@@ -95,6 +96,7 @@ class FeatureBank:
     batch_size: int = 64
     num_workers: int = 0
     progress: bool = True
+    skip_corrupt: bool = False
     extract_fn: Callable[..., FeatureSet] = _default_extract
     _plain: dict[str, FeatureSet] = field(default_factory=dict, repr=False)
     _views: FeatureSet | None = field(default=None, repr=False)
@@ -110,10 +112,11 @@ class FeatureBank:
     # ----- extraction ---------------------------------------------------------------------
     def _extract(self, split: str, samples: list | None = None, views: int = 0) -> FeatureSet:
         start = time.perf_counter()
+        extra = {"skip_corrupt": True} if self.skip_corrupt else {}  # fakes in tests need not know the option
         fs = self.extract_fn(
             self.backbone, self.dataset, split, samples=samples, augment_views=views,
             augment_seed=self.augment_seed, cache_dir=self.cache_dir, batch_size=self.batch_size,
-            device=self.device, num_workers=self.num_workers, progress=self.progress,
+            device=self.device, num_workers=self.num_workers, progress=self.progress, **extra,
         )
         self.extract_seconds += time.perf_counter() - start
         return fs
@@ -127,6 +130,27 @@ class FeatureBank:
             else:
                 self._plain[split] = self._extract(split)
         return self._plain[split]
+
+    def _plain_rows(self, split: str, samples: list) -> FeatureSet:
+        """Deterministic features of ``samples`` (in that order) from ``split``.
+
+        Validation drawn from the train split (datasets without a val split) would otherwise extract the
+        whole train split (60,000 images for Fashion-MNIST). With ``augment_scope`` 'union' or 'support'
+        the rows come from the views extraction, which also holds the deterministic features, and only
+        the rest is extracted (cached on disk per sample set). The features are the same either way.
+        """
+        ids = [s.id for s in samples]
+        if split != "train" or split in self._plain or self.augment_views == 0 or self.augment_scope == "split":
+            return self.plain(split).subset(ids)
+        have = self._views if self.augment_scope == "union" and self._views is not None else None
+        known = set(have.ids) if have is not None else set()
+        missing = {s.id: s for s in samples if s.id not in known}
+        parts = []
+        if have is not None and len(missing) < len(ids):
+            parts.append(_without_views(have.subset([i for i in ids if i in known])))
+        if missing:
+            parts.append(self._extract("train", samples=[missing[i] for i in sorted(missing)]))
+        return _concat(parts).subset(ids)
 
     def use_view_samples(self, samples: Iterable) -> None:
         """For ``augment_scope="union"``: the training samples whose views the sweep will need."""
@@ -175,7 +199,7 @@ class FeatureBank:
         else:
             support = self.plain("train").subset(support_ids)
         val_split = self._split_holding(split.val, ("val", "train")) if split.val else "train"
-        val = _without_views(self.plain(val_split).subset([s.id for s in split.val]))
+        val = _without_views(self._plain_rows(val_split, split.val))
         test_split = self._split_holding(split.test, ("test",))
         test = _without_views(self.plain(test_split).subset([s.id for s in split.test]))
         return support, val, test
@@ -185,6 +209,14 @@ def _without_views(fs: FeatureSet) -> FeatureSet:
     if fs.views is None:
         return fs
     return FeatureSet(features=fs.features, labels=fs.labels, ids=fs.ids, classnames=fs.classnames, meta=fs.meta)
+
+
+def _concat(parts: list[FeatureSet]) -> FeatureSet:
+    parts = [_without_views(p) for p in parts]
+    if len(parts) == 1:
+        return parts[0]
+    return FeatureSet(features=torch.cat([p.features for p in parts]), labels=torch.cat([p.labels for p in parts]),
+                      ids=[i for p in parts for i in p.ids], classnames=parts[0].classnames, meta=dict(parts[0].meta))
 
 
 def _plain_json(value: dict[str, Any]) -> dict[str, Any]:
