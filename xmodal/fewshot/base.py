@@ -44,6 +44,39 @@ class FewShotMethod(abc.ABC):
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return self.decision_scores(features).argmax(dim=1)
 
+    # ----- save / load contract (see state.py): tensors for safetensors + a JSON-able dict, no pickle -----
+
+    def get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, meta) of the fitted method: constructor parameters and every attribute ending in ``_``.
+        Override (calling super) only if a method keeps fitted state elsewhere."""
+        from .state import get_state
+
+        return get_state(self)
+
+    def set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "FewShotMethod":
+        """Restore what ``get_state`` returned onto this (constructed, unfitted) method."""
+        from .state import set_state
+
+        set_state(self, tensors, meta)
+        return self
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: str = "cpu") -> "FewShotMethod":
+        """Rebuild a fitted method from ``get_state``'s output (the registered class named in ``meta``)."""
+        from ..errors import InputError
+        from .state import decode_params
+
+        name = meta.get("method") if isinstance(meta, dict) else None
+        available_methods()
+        klass = _REGISTRY.get(name) if name else None
+        if klass is None:
+            raise InputError(f"saved few-shot method {name!r} is not registered in this xmodal",
+                             hint=f"available: {', '.join(_REGISTRY)}; load it with the xmodal version that saved it")
+        if cls is not FewShotMethod and not issubclass(klass, cls):
+            raise InputError(f"saved state is of method {name!r}, not {cls.__name__}")
+        method = klass(**decode_params(tensors, meta), device=device)
+        return method.set_state(tensors, meta)
+
 
 _REGISTRY: dict[str, Callable[..., FewShotMethod]] = {}
 
