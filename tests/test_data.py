@@ -18,7 +18,7 @@ from xmodal.data.base import Sample
 from xmodal.data.coop import CoopDataset
 from xmodal.data.imagefolder import ImageFolderDataset
 from xmodal.data.templates import CIFAR, IMAGENET_7
-from xmodal.errors import DatasetError
+from xmodal.errors import DatasetError, UsageError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -430,7 +430,8 @@ def test_sampler_no_val_split_draws_val_from_train_rest(sampler_folder):
 def test_sampler_with_val_split(tmp_path):
     root = make_tiny_imagefolder(tmp_path / "v", classes=2, train=6, test=2, val=5, size=4)
     ds = load_dataset(f"imagefolder:{root}")
-    sp = fewshot_split(ds, shots=8, seed=0)
+    with pytest.warns(UserWarning, match="fewer than 8 training images"):
+        sp = fewshot_split(ds, shots=8, seed=0)
     assert all(s.id.startswith("train/") for s in sp.support)
     assert all(s.id.startswith("val/") for s in sp.val)
     for c in range(2):
@@ -449,7 +450,8 @@ def test_sampler_replacement_only_when_class_too_small(tmp_path):
     _png(tmp_path / "val" / "big" / "v.png")
     _png(tmp_path / "val" / "small" / "v.png")
     ds = ImageFolderDataset(tmp_path)
-    sp = fewshot_split(ds, shots=4, seed=0)
+    with pytest.warns(UserWarning, match=r"\{'small': 2\}.*replacement"):
+        sp = fewshot_split(ds, shots=4, seed=0)
     big = _ids([s for s in sp.support if s.label == 0])
     small = _ids([s for s in sp.support if s.label == 1])
     assert len(big) == 4 and len(set(big)) == 4
@@ -464,7 +466,7 @@ def test_sampler_errors(tmp_path):
     ds = ImageFolderDataset(tmp_path)
     with pytest.raises(DatasetError, match="no training image.*'b'"):
         fewshot_split(ds, shots=1, seed=0)
-    with pytest.raises(ValueError, match="shots"):
+    with pytest.raises(UsageError, match="shots"):
         fewshot_split(ds, shots=0, seed=0)
     test_only = tmp_path / "t2"
     _png(test_only / "test" / "a" / "0.png")
@@ -477,3 +479,177 @@ def test_sampler_array_dataset_deterministic():
     a, b = fewshot_split(ds, 2, seed=7), fewshot_split(load_dataset("digits"), 2, seed=7)
     assert _ids(a.support) == _ids(b.support)
     assert len(a.support) == 20 and isinstance(a.support[0], Sample)
+
+
+def test_sampler_degenerate_datasets(tmp_path):
+    one = tmp_path / "one"
+    for i in range(3):
+        _png(one / "train" / "only" / f"{i}.png")
+    _png(one / "test" / "only" / "t.png")
+    with pytest.raises(DatasetError, match="1 class.*at least 2"):
+        fewshot_split(ImageFolderDataset(one), shots=1, seed=0)
+    # a class with exactly K images and no val split: nothing left for validation -> clear error with a fix
+    exact = tmp_path / "exact"
+    for cls, n in (("a", 5), ("b", 2)):
+        for i in range(n):
+            _png(exact / "train" / cls / f"{i}.png")
+    with pytest.raises(DatasetError, match=r"no validation image for class 'b'.*2 training image") as err:
+        fewshot_split(ImageFolderDataset(exact), shots=2, seed=0)
+    assert "--shots" in err.value.hint
+    # fewer images than K: CoOp's draw with replacement, announced by a warning
+    with pytest.warns(UserWarning, match="fewer than 4 training images.*replacement"):
+        sp = fewshot_split(_with_val(tmp_path / "small"), shots=4, seed=0)
+    assert len(sp.support) == 8
+    with pytest.raises(UsageError):
+        fewshot_split(ImageFolderDataset(exact), shots=True, seed=0)
+
+
+def _with_val(root: Path) -> ImageFolderDataset:
+    for cls, n in (("a", 6), ("b", 2)):
+        for i in range(n):
+            _png(root / "train" / cls / f"{i}.png")
+        _png(root / "val" / cls / "v.png")
+    return ImageFolderDataset(root)
+
+
+def test_sampler_duplicate_train_entries(tmp_path):
+    root = _make_dtd(tmp_path)
+    split = root / "dtd" / "split_zhou_DescribableTextures.json"
+    rows = json.loads(split.read_text())
+    rows["train"].append(rows["train"][0])
+    split.write_text(json.dumps(rows))
+    with pytest.raises(DatasetError, match="more than once"):
+        fewshot_split(load_dataset(f"coop:DTD@{root}"), shots=1, seed=0)
+
+
+def test_imagefolder_split_without_class_folders_and_root_is_file(tmp_path):
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no class folders"):
+        load_dataset(f"imagefolder:{tmp_path / 'd'}")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DatasetError, match="is a file"):
+        load_dataset(f"imagefolder:{tmp_path / 'f'}")
+
+
+# ---------------------------------------------------------------------------------------------- paths stay inside
+@pytest.mark.parametrize("entry, why", [
+    ("../../outside.png", r"'\.\.'"),
+    ("banded/../../../outside.png", r"'\.\.'"),
+    ("/etc/hostname", "absolute"),
+    ("C:\\Windows\\x.png", "absolute"),
+    ("", "not a relative file path"),
+])
+def test_coop_split_entries_cannot_leave_the_image_folder(tmp_path, entry, why):
+    root = _make_dtd(tmp_path)
+    _png(tmp_path / "outside.png")
+    split = root / "dtd" / "split_zhou_DescribableTextures.json"
+    rows = json.loads(split.read_text())
+    rows["test"].append([entry, 0, "banded"])
+    split.write_text(json.dumps(rows))
+    with pytest.raises(DatasetError, match=why) as err:
+        load_dataset(f"coop:DTD@{root}")
+    assert "split_zhou_DescribableTextures.json" in str(err.value)
+
+
+def test_coop_symlinks_leading_out_are_refused_inside_ones_allowed(tmp_path):
+    root = _make_dtd(tmp_path / "r")
+    secret = _png(tmp_path / "secret" / "s.png")
+    images = root / "dtd" / "images"
+    split = root / "dtd" / "split_zhou_DescribableTextures.json"
+    rows = json.loads(split.read_text())
+    (images / "banded" / "inside_link.jpg").symlink_to(images / "banded" / "banded_train_0.jpg")
+    rows["test"].append(["banded/inside_link.jpg", 0, "banded"])
+    split.write_text(json.dumps(rows))
+    assert len(load_dataset(f"coop:DTD@{root}").samples("test")) == 7  # a link that stays inside is fine
+    (images / "banded" / "leak.jpg").symlink_to(secret)
+    rows["test"].append(["banded/leak.jpg", 0, "banded"])
+    split.write_text(json.dumps(rows))
+    with pytest.raises(DatasetError, match="symlink.*outside"):
+        load_dataset(f"coop:DTD@{root}")
+    rows["test"].pop()
+    (images / "linkdir").symlink_to(secret.parent, target_is_directory=True)
+    rows["test"].append(["linkdir/s.png", 0, "banded"])
+    split.write_text(json.dumps(rows))
+    with pytest.raises(DatasetError, match="resolves outside"):
+        load_dataset(f"coop:DTD@{root}")
+
+
+def test_coop_split_file_not_utf8(tmp_path):
+    root = _make_dtd(tmp_path)
+    (root / "dtd" / "split_zhou_DescribableTextures.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        load_dataset(f"coop:DTD@{root}")
+
+
+def test_fgvc_and_imagenet_names_cannot_leave_the_folder(tmp_path):
+    root = _make_fgvc(tmp_path / "f")
+    d = root / "fgvc_aircraft"
+    (d / "images_variant_test.txt").write_text("../../../etc/passwd 707-320\n")
+    with pytest.raises(DatasetError, match="images_variant_test.txt.*'\\.\\.'"):
+        load_dataset(f"coop:FGVCAircraft@{root}")
+    inet = tmp_path / "i" / "imagenet"
+    inet.mkdir(parents=True)
+    (inet / "classnames.txt").write_text("../../x tench\n")
+    (inet / "images" / "train").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="single folder name"):
+        load_dataset(f"coop:ImageNet@{tmp_path / 'i'}")
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR-10: no code runs
+class _Touch:
+    """Unpickling this calls ``pathlib.Path.touch`` on ``target``: it would create a file."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+@pytest.mark.parametrize("where", ["value", "top", "label"])
+def test_cifar10_batch_with_code_is_refused_and_runs_nothing(tmp_path, where):
+    root = _cifar_batches(tmp_path / "c")
+    marker = tmp_path / "pwned"
+    data = np.zeros((2, 3072), dtype=np.uint8)
+    payload = {"value": {b"data": data, b"labels": [0, 1], b"batch_label": _Touch(marker)},
+               "top": _Touch(marker),
+               "label": {b"data": data, b"labels": [0, _Touch(marker)]}}[where]
+    (root / "test_batch").write_bytes(pickle.dumps(payload, protocol=2))
+    # control: the same bytes through plain pickle do create the file
+    pickle.loads((root / "test_batch").read_bytes())
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(DatasetError, match="refusing to load"):
+        load_dataset(f"cifar10:{root}")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_batch_every_pickle_protocol_of_plain_arrays_loads(tmp_path, protocol):
+    root = _cifar_batches(tmp_path / "c")
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, size=(4, 3072), dtype=np.uint8)
+    batch = {b"batch_label": b"testing batch 1 of 1", b"labels": [3, 1, 4, 1], b"data": data,
+             b"filenames": [b"a.png", b"b.png", b"c.png", b"d.png"]}
+    (root / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+    ds = load_dataset(f"cifar10:{root}")
+    assert [s.label for s in ds.samples("test")] == [3, 1, 4, 1]
+    assert np.array_equal(np.asarray(ds.load_image(ds.samples("test")[2])),
+                          data[2].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+@pytest.mark.parametrize("payload, match", [
+    ([1, 2, 3], "holds a list"),
+    ({b"data": np.zeros((2, 3072), np.uint8)}, "no 'data' or 'labels'"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"extra": 1}, "unexpected keys"),
+    ({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, r"\(N, 3072\)"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 12]}, "0..9"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "2 images but 1 labels"),
+    ({b"data": np.zeros((2, 3072), object), b"labels": [0, 1]}, "non-plain|refusing"),
+    ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, "non-plain"),
+])
+def test_cifar10_batch_structure_is_checked(tmp_path, payload, match):
+    root = _cifar_batches(tmp_path / "c")
+    (root / "test_batch").write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(DatasetError, match=match):
+        load_dataset(f"cifar10:{root}")

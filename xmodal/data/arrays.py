@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import pickle
 import struct
 import zlib
 from pathlib import Path
@@ -13,6 +12,7 @@ from PIL import Image
 
 from ..errors import DatasetError
 from .base import ImageDataset, Sample
+from .cifar_batch import read_cifar_batch
 from .templates import CIFAR, DIGITS, FASHION
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -59,7 +59,8 @@ class ArrayDataset(ImageDataset):
 
 
 def load_cifar10_batches(path: str | Path) -> ArrayDataset:
-    """The official ``cifar-10-batches-py`` pickles (data_batch_1..5, test_batch)."""
+    """The official ``cifar-10-batches-py`` files (data_batch_1..5, test_batch), read without unpickling
+    arbitrary objects (see ``cifar_batch``)."""
     root = Path(path)
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
@@ -71,16 +72,7 @@ def load_cifar10_batches(path: str | Path) -> ArrayDataset:
             if not f.is_file():
                 raise DatasetError(f"CIFAR-10 batch file {f} is missing; download cifar-10-python.tar.gz from "
                                    "https://www.cs.toronto.edu/~kriz/cifar.html and extract it under that folder")
-            try:
-                with open(f, "rb") as fh:
-                    d = pickle.load(fh, encoding="bytes")
-                x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-                y = np.asarray(d[b"labels"], dtype=np.int64)
-            except Exception as exc:  # unpickling errors, missing keys, wrong sizes
-                raise DatasetError(f"CIFAR-10 batch file {f} is not a valid python batch "
-                                   f"(dict with b'data' (N, 3072) uint8 and b'labels'): {exc!r}") from exc
-            if len(x) != len(y) or (len(y) and (y.min() < 0 or y.max() > 9)):
-                raise DatasetError(f"CIFAR-10 batch file {f}: {len(x)} images but {len(y)} labels in 0..9")
+            x, y = read_cifar_batch(f)
             xs.append(x)
             ys.append(y)
         return np.concatenate(xs), np.concatenate(ys)

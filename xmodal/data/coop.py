@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from .base import ImageDataset, Sample
+from .paths import ContainedPaths
 from .templates import IMAGENET_7
 
 
@@ -53,13 +54,25 @@ def _lookup(name: str) -> tuple[str, CoopInfo]:
     raise DatasetError(f"unknown CoOp dataset {name!r}; known: {', '.join(COOP_DATASETS)}")
 
 
+def _read_text(path: Path) -> str:
+    """A split / metadata file as UTF-8 text; unreadable or binary files are a DatasetError naming them."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                           hint="restore the original split / metadata file") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}",
+                           hint="check that the file exists and is readable") from None
+
+
 def _read_classnames_txt(path: Path) -> tuple[list[str], list[str]]:
     """CoOp's ImageNet ``classnames.txt``: one ``<wnid> <class name>`` per line, in label order."""
     if not path.is_file():
         raise DatasetError(f"{path} not found: the ImageNet family needs CoOp's classnames.txt "
                            "(lines '<wnid> <class name>') in the dataset folder or in $ROOT/imagenet/")
     wnids, names = [], []
-    for line in path.read_text().splitlines():
+    for line in _read_text(path).splitlines():
         if line.strip():
             wnid, _, cls = line.strip().partition(" ")
             wnids.append(wnid)
@@ -94,7 +107,7 @@ class CoopDataset(ImageDataset):
         if not split_path.is_file():
             raise DatasetError(f"{self.key}: split file {split_path} not found (CoOp's {self.info.split_file})")
         try:
-            raw = json.loads(split_path.read_text())
+            raw = json.loads(_read_text(split_path))
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{split_path} is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
@@ -102,19 +115,22 @@ class CoopDataset(ImageDataset):
                                f"[[relpath, label, classname], ...]}}, got {type(raw).__name__}")
         names: dict[int, str] = {}
         out: dict[str, list[Sample]] = {}
-        img_root = self.dir / self.info.image_dir
+        img_root = ContainedPaths(self.dir / self.info.image_dir, split_path)
         for split in ("train", "val", "test"):
             rows = raw.get(split, [])
+            if not isinstance(rows, list):
+                raise DatasetError(f"{split_path}: {split!r} must be a list of [relpath, label, classname]")
             if rows:
                 out[split] = []
                 for item in rows:
                     if not isinstance(item, list) or len(item) != 3 or isinstance(item[1], bool) \
-                            or not isinstance(item[1], int) or item[1] < 0:
+                            or not isinstance(item[1], int) or item[1] < 0 or not isinstance(item[0], str) \
+                            or not isinstance(item[2], str):
                         raise DatasetError(f"{split_path}: entries must be [relpath, label, classname] with an "
                                            f"integer label >= 0, got {item!r}")
                     rel, label, cls = item
                     names.setdefault(int(label), cls)
-                    out[split].append(Sample(id=rel, label=int(label), path=str(img_root / rel)))
+                    out[split].append(Sample(id=rel, label=int(label), path=str(img_root.join(rel))))
         if not names:
             raise DatasetError(f"{split_path} has no samples")
         n = max(names) + 1
@@ -128,7 +144,7 @@ class CoopDataset(ImageDataset):
         variants_file = self.dir / "variants.txt"
         if not variants_file.is_file():
             raise DatasetError(f"FGVCAircraft: {variants_file} not found (use the official fgvc-aircraft-2013b data/ folder)")
-        self._classnames = [v.strip() for v in variants_file.read_text().splitlines() if v.strip()]
+        self._classnames = [v.strip() for v in _read_text(variants_file).splitlines() if v.strip()]
         label_of = {c: i for i, c in enumerate(self._classnames)}
         out = {}
         for split in ("train", "val", "test"):
@@ -136,13 +152,14 @@ class CoopDataset(ImageDataset):
             if not f.is_file():
                 raise DatasetError(f"FGVCAircraft: {f} not found")
             out[split] = []
-            for line in f.read_text().splitlines():
+            images = ContainedPaths(self.dir / self.info.image_dir, f)
+            for line in _read_text(f).splitlines():
                 if line.strip():
                     img, _, variant = line.strip().partition(" ")
                     if variant not in label_of:
                         raise DatasetError(f"FGVCAircraft: {f} names variant {variant!r}, which is not in {variants_file}")
                     out[split].append(Sample(id=f"{img}.jpg", label=label_of[variant],
-                                             path=str(self.dir / self.info.image_dir / f"{img}.jpg")))
+                                             path=str(images.join(f"{img}.jpg"))))
         return out
 
     def _load_imagenet_like(self) -> dict[str, list[Sample]]:
@@ -155,10 +172,12 @@ class CoopDataset(ImageDataset):
 
         def folder_samples(base: Path, prefix: str, folders: list[str]) -> list[Sample]:
             out = []
+            inside = ContainedPaths(base, txt)
             for label, folder in enumerate(folders):
-                d = base / folder
+                d = base / inside.component(folder)
                 if d.is_dir():
-                    out.extend(Sample(id=f"{prefix}/{folder}/{f.name}", label=label, path=str(f))
+                    out.extend(Sample(id=f"{prefix}/{folder}/{f.name}", label=label,
+                                      path=str(inside.join(f"{folder}/{f.name}")))
                                for f in sorted(d.iterdir()) if f.is_file())
             return out
 

@@ -17,7 +17,9 @@ class ImageFolderDataset(ImageDataset):
     def __init__(self, root: str | Path, name: str | None = None, templates: list[str] | None = None) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise DatasetError(f"ImageFolder root {self.root} does not exist; expected {self.root}/<split>/<class>/*.jpg")
+            what = "is a file, not a folder" if self.root.exists() else "does not exist"
+            raise DatasetError(f"ImageFolder root {self.root} {what}; expected {self.root}/<split>/<class>/*.jpg",
+                               hint="pass the folder that holds train/ and test/")
         self._splits = [s for s in SPLIT_NAMES if (self.root / s).is_dir()]
         if not self._splits:
             raise DatasetError(
@@ -26,6 +28,10 @@ class ImageFolderDataset(ImageDataset):
             )
         per_split = {s: sorted(d.name for d in (self.root / s).iterdir() if d.is_dir()) for s in self._splits}
         self.classnames = per_split[self._splits[0]]
+        if not self.classnames:
+            raise DatasetError(f"{self.root / self._splits[0]} has no class folders; expected "
+                               f"{self.root / self._splits[0]}/<class>/*.jpg",
+                               hint="put each class's images in its own sub-folder")
         for split, names in per_split.items():
             if names != self.classnames:
                 extra = sorted(set(names) ^ set(self.classnames))

@@ -5,12 +5,13 @@ the machine, so the same seed selects the same images everywhere.
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, UsageError
 from .base import ImageDataset, Sample
 
 
@@ -42,15 +43,34 @@ def fewshot_split(dataset: ImageDataset, shots: int, seed: int, val_per_class: i
                   test_split: str = "test") -> FewShotSplit:
     """K per class from train; val = min(K, 4) per class from the val split (CoOp's rule) or, when the
     dataset has no val split, from the train images not chosen as support; test = the full test split."""
-    if shots < 1:
-        raise ValueError(f"shots must be >= 1, got {shots}")
+    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
+        raise UsageError(f"shots must be an integer >= 1, got {shots!r}", hint="use --shots 1 or more")
     n_val = min(shots, 4) if val_per_class is None else val_per_class
+    if n_val < 0:
+        raise UsageError(f"val_per_class must be >= 0, got {val_per_class}")
     if "train" not in dataset.splits():
-        raise DatasetError(f"{dataset.name} has no train split; few-shot needs one (splits: {dataset.splits()})")
-    train = _by_class(dataset.samples("train"))
+        raise DatasetError(f"{dataset.name} has no train split; few-shot needs one (splits: {dataset.splits()})",
+                           hint="add a train/ folder (ImageFolder) or a 'train' list (split file)")
+    if len(dataset.classnames) < 2:
+        raise DatasetError(f"{dataset.name} has {len(dataset.classnames)} class(es); few-shot classification "
+                           "needs at least 2", hint="add class folders (one per class) to the dataset")
+    train_samples = dataset.samples("train")
+    ids = [s.id for s in train_samples]
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise DatasetError(f"{dataset.name}: the train split lists {dup!r} more than once",
+                           hint="remove the duplicate entries from the split file")
+    train = _by_class(train_samples)
     missing = [dataset.classnames[c] for c in range(len(dataset.classnames)) if c not in train]
     if missing:
-        raise DatasetError(f"{dataset.name}: classes with no training image: {missing[:5]}")
+        raise DatasetError(f"{dataset.name}: classes with no training image: {missing[:5]}",
+                           hint="add images to those class folders or remove the empty folders")
+    small = {dataset.classnames[c]: len(g) for c, g in train.items() if len(g) < shots}
+    if small:
+        warnings.warn(f"{dataset.name}: {len(small)} class(es) have fewer than {shots} training images "
+                      f"({dict(list(small.items())[:5])}); their support sets repeat images (drawn with "
+                      "replacement, as CoOp does)", stacklevel=2)
     support, val = [], []
     has_val = "val" in dataset.splits()
     val_groups = _by_class(dataset.samples("val")) if has_val else {}
@@ -64,7 +84,10 @@ def fewshot_split(dataset: ImageDataset, shots: int, seed: int, val_per_class: i
             taken = {s.id for s in chosen}
             pool = [s for s in train[label] if s.id not in taken]
         if n_val and not pool:
-            raise DatasetError(f"{dataset.name}: no validation candidates for class {dataset.classnames[label]!r}")
+            where = "in the val split" if has_val else f"left in train after drawing {shots} support image(s)"
+            raise DatasetError(f"{dataset.name}: no validation image for class {dataset.classnames[label]!r} "
+                               f"({where}; it has {len(train[label])} training image(s))",
+                               hint="use fewer --shots, or add images (or a val/ split) for that class")
         val.extend(_draw(pool, min(n_val, len(pool)), np.random.default_rng([seed, label, 1])) if n_val else [])
     rule = (f"min(K,4)={n_val} per class from the val split" if has_val
             else f"min(K,4)={n_val} per class from train images not in the support set (dataset has no val split)")
