@@ -193,6 +193,14 @@ class FeatureBank:
     # ----- one episode ----------------------------------------------------------------------
     def episode(self, split: Any) -> tuple[FeatureSet, FeatureSet, FeatureSet]:
         """(support with views, val without views, test) FeatureSets for a ``FewShotSplit``."""
+        support, val = self.fit_sets(split)
+        test_split = self._split_holding(split.test, ("test",))
+        test = _without_views(self.plain(test_split).subset([s.id for s in split.test]))
+        return support, val, test
+
+    def fit_sets(self, split: Any) -> tuple[FeatureSet, FeatureSet]:
+        """(support with views, val without views): what a method is fitted on; test features are not touched
+        (a saved classifier is fitted this way, so its validation is the harness's)."""
         support_ids = [s.id for s in split.support]
         if self.augment_views > 0:
             support = self._train_views(split.support).subset(support_ids)
@@ -200,9 +208,7 @@ class FeatureBank:
             support = self.plain("train").subset(support_ids)
         val_split = self._split_holding(split.val, ("val", "train")) if split.val else "train"
         val = _without_views(self._plain_rows(val_split, split.val))
-        test_split = self._split_holding(split.test, ("test",))
-        test = _without_views(self.plain(test_split).subset([s.id for s in split.test]))
-        return support, val, test
+        return support, val
 
 
 def _without_views(fs: FeatureSet) -> FeatureSet:
