@@ -12,6 +12,7 @@ from .data import fewshot_split, load_dataset  # noqa: E402
 from .features import extract_features  # noqa: E402
 from .featureset import FeatureSet  # noqa: E402
 from .fewshot import available_methods, create_method  # noqa: E402
+from .classifier import FewShotClassifier  # noqa: E402
 
 __all__ = ["__version__", "load_backbone", "load_dataset", "fewshot_split", "extract_features", "FeatureSet",
-           "available_methods", "create_method"]
+           "available_methods", "create_method", "FewShotClassifier"]
