@@ -22,7 +22,7 @@ def test_append_and_reopen(tmp_path):
     assert len(lines) == 2 and all(json.loads(x) for x in lines)
     again = ResultStore(path)
     assert [r["seed"] for r in again.rows] == [1, 2]
-    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1))["top1"] == 50.0
+    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1, ""))["top1"] == 50.0
     assert again.has(row_key(_row(seed=2))) and not again.has(row_key(_row(seed=3)))
     assert again.repaired is None
 
@@ -122,3 +122,84 @@ def test_read_only_file_with_torn_tail(tmp_path, monkeypatch):
     monkeypatch.setattr(ResultStore, "_locked", no_write)
     store = ResultStore(path)
     assert len(store) == 1 and store.repaired is None and path.read_bytes() == before
+
+
+def test_identity_is_part_of_the_key(tmp_path):
+    store = ResultStore(tmp_path / "r.jsonl")
+    assert store.append(_row(identity="aaa", top1=1.0))
+    assert store.append(_row(identity="bbb", top1=2.0))  # same cell, other data/options: a separate row
+    assert not store.append(_row(identity="aaa", top1=3.0))
+    again = ResultStore(tmp_path / "r.jsonl")
+    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1, "aaa"))["top1"] == 1.0
+    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1, "bbb"))["top1"] == 2.0
+    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1, "")) is None  # a row without identity matches nothing else
+
+
+def test_failed_write_leaves_no_partial_line(tmp_path, monkeypatch):
+    """Disk full mid-line: the half-written row is cut off at once, the earlier rows are intact."""
+    import errno
+
+    path = tmp_path / "r.jsonl"
+    store = ResultStore(path)
+    store.append(_row(seed=1))
+    good = path.read_bytes()
+
+    class HalfThenFull:
+        def __init__(self, fh):
+            self.fh, self.calls = fh, 0
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls == 1:
+                return self.fh.write(bytes(data[:10]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = ResultStore._locked
+
+    class Wrapped:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __enter__(self):
+            return HalfThenFull(self.inner.__enter__())
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    monkeypatch.setattr(ResultStore, "_locked", lambda self, mode: Wrapped(real(self, mode)))
+    with pytest.raises(OSError, match="No space"):
+        store.append(_row(seed=2))
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+    assert [r["seed"] for r in ResultStore(path).rows] == [1]
+
+
+def test_write_returning_zero_bytes_does_not_spin(tmp_path, monkeypatch):
+    path = tmp_path / "r.jsonl"
+    store = ResultStore(path)
+    real = ResultStore._locked
+
+    class Zero:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __enter__(self):
+            fh = self.inner.__enter__()
+
+            class F:
+                def __getattr__(self, name):
+                    return getattr(fh, name)
+
+                def write(self, data):
+                    return 0
+            return F()
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    monkeypatch.setattr(ResultStore, "_locked", lambda self, mode: Zero(real(self, mode)))
+    with pytest.raises(OSError, match="disk full"):
+        store.append(_row(seed=1))

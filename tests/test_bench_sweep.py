@@ -4,7 +4,7 @@ import json
 import pytest
 
 from xmodal.bench.store import ResultStore, row_key
-from xmodal.bench.sweep import PLOT_FILE, RESULTS_FILE, TABLE_FILE, StaleResultsError, run_sweep
+from xmodal.bench.sweep import PLOT_FILE, RESULTS_FILE, TABLE_FILE, run_sweep
 from xmodal.bench.testing import SpyMethod, make_tiny_imagefolder, registered
 
 
@@ -50,7 +50,7 @@ def test_killed_sweep_resumes(tmp_path, data_spec):
     assert (out / TABLE_FILE).read_text().startswith("## Few-shot top-1 accuracy")
     assert (out / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
 
-    # a third run has nothing to do: no backbone work, no feature extraction, same file
+    # a third run has nothing to do: no feature extraction, same file
     before = (out / RESULTS_FILE).read_bytes()
 
     def boom(*a, **k):
@@ -71,14 +71,81 @@ def test_sweep_table_and_union_scope(tmp_path, data_spec):
     assert json.loads((out / "sweep.json").read_text())["methods"] == ["zeroshot"]
 
 
-def test_changed_weights_are_refused(tmp_path, data_spec):
+def test_rows_from_older_files_or_other_weights_are_not_reused(tmp_path, data_spec):
     out = tmp_path / "out"
     ResultStore(out / RESULTS_FILE).append({"method": "zeroshot", "backbone": "tiny:clip", "dataset": data_spec,
                                             "shots": 1, "seed": 1, "top1": 1.0,
                                             "backbone_fingerprint": "older-weights", "augment_views": 0})
-    with pytest.raises(StaleResultsError, match="different weights"):
-        run_sweep("tiny:clip", [data_spec], [1], [1, 2], ["zeroshot"], out, cache_dir=str(tmp_path / "c"),
-                  augment_views=0, progress=False)
+    with pytest.warns(UserWarning, match="1 row.*predate data identities.*not reused"):
+        res = run_sweep("tiny:clip", [data_spec], [1], [1, 2], ["zeroshot"], out, cache_dir=str(tmp_path / "c"),
+                        augment_views=0, progress=False)
+    assert res.new_rows == 2 and all(r["top1"] != 1.0 for r in res.rows) and len(res.stale) == 1
+    assert len(ResultStore(out / RESULTS_FILE)) == 3  # the old row is kept in the file, nothing lost
+    # another backbone seed = other weights under a spec whose rows exist: recomputed, and said so
+    with pytest.warns(UserWarning, match="backbone weights"):
+        res2 = _sweep_with_other_weights(out, data_spec, tmp_path)
+    assert res2.new_rows == 2
+
+
+def _sweep_with_other_weights(out, data_spec, tmp_path):
+    from xmodal.backbones import load_backbone
+
+    bb = load_backbone("tiny:clip:7")
+    bb.spec = "tiny:clip"  # same spec string, different weights
+    return run_sweep(bb, [data_spec], [1], [1, 2], ["zeroshot"], out, cache_dir=str(tmp_path / "c"),
+                     augment_views=0, progress=False)
+
+
+def test_finished_folder_rerun_with_other_options_or_changed_data_recomputes(tmp_path):
+    root = make_tiny_imagefolder(tmp_path / "data", classes=3, train=6, test=4)
+    spec = f"imagefolder:{root}"
+    out, kw = tmp_path / "out", dict(cache_dir=str(tmp_path / "c"), progress=False)
+    first = run_sweep("tiny:clip", [spec], [1], [1, 2, 3], ["zeroshot", "tip-adapter"], out, augment_views=1, **kw)
+    assert first.new_rows == 6 and not first.stale
+    ident = first.rows[0]["identity"]
+    assert all(r["identity"] == ident for r in first.rows)
+    assert first.rows[0]["identity_detail"]["features"]["augment_views"] == 1
+    same = run_sweep("tiny:clip", [spec], [1], [1, 2, 3], ["zeroshot", "tip-adapter"], out, augment_views=1, **kw)
+    assert same.new_rows == 0 and same.rows == first.rows  # same options, same data: rows reused
+
+    with pytest.warns(UserWarning, match="augment_views 1 -> 2"):
+        views = run_sweep("tiny:clip", [spec], [1], [1, 2, 3], ["zeroshot", "tip-adapter"], out, augment_views=2,
+                          **kw)
+    assert views.new_rows == 6 and {r["identity"] for r in views.rows} != {ident}
+    assert all(r["augment_views"] == 2 for r in views.rows)
+
+    # one test image replaced by another picture (same name): content identity changes, rows recomputed
+    from PIL import Image
+
+    victim = sorted((root / "test" / "class0").iterdir())[0]
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(victim)
+    with pytest.warns(UserWarning, match="dataset content of split.*test"):
+        changed = run_sweep("tiny:clip", [spec], [1], [1, 2, 3], ["zeroshot", "tip-adapter"], out, augment_views=1,
+                            **kw)
+    assert changed.new_rows == 6 and {r["identity"] for r in changed.rows}.isdisjoint({ident})
+    # the table is made from this run's rows only
+    assert all(r["identity"] == changed.rows[0]["identity"] for r in changed.rows)
+    assert len(ResultStore(out / RESULTS_FILE)) == 18  # nothing lost, nothing duplicated
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(seeds=[1, 1, 2]), "--seeds lists 1 more than once"),
+    (dict(shots=[2, 2]), "--shots lists 2 more than once"),
+    (dict(shots=[0]), "shots must be integers >= 1"),
+    (dict(shots="1,x"), "shots: expected comma-separated"),
+    (dict(seeds=[]), "at least one"),
+])
+def test_bad_grids_fail_before_any_work(tmp_path, data_spec, kwargs, match):
+    from xmodal.errors import UsageError
+
+    def boom(*a, **k):
+        raise AssertionError("no feature may be computed for a bad grid")
+
+    args = {"shots": [1], "seeds": [1], **kwargs}
+    with pytest.raises(UsageError, match=match):
+        run_sweep("tiny:does-not-matter", [data_spec], args["shots"], args["seeds"], ["zeroshot"], tmp_path / "o",
+                  extract_fn=boom, progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 KILLER = r"""

@@ -1,4 +1,5 @@
-"""Provenance stamped on every result row: package version, git commit, time."""
+"""Provenance stamped on every result row: package version, git commit, time, and the identity of what the
+row was computed from (backbone weights, dataset content, extraction options)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -7,6 +8,7 @@ import importlib.metadata
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import xmodal
 
@@ -57,3 +59,59 @@ def git_dirty() -> bool | None:
 
 def utc_timestamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+# ----- identity of what a result row was computed from ------------------------------------------------
+IDENTITY_FIELDS = ("backbone_fingerprint", "dataset", "features")
+
+
+def dataset_identity(dataset: Any) -> dict[str, Any]:
+    """What makes two loads of a dataset the same data: its cache id, class names, prompt templates and,
+    per split, the digest the feature cache keys on (sample ids + labels + file sizes and mtimes, from
+    ``xmodal.features``) plus the pixel digest of in-memory arrays. Any added, removed, relabelled or
+    edited image changes the split's entry."""
+    from ..cache import stable_hash
+    from ..features import _sample_signature
+
+    splits = {}
+    for split in dataset.splits():
+        samples = dataset.samples(split)
+        splits[split] = stable_hash([stable_hash(_sample_signature(samples), 32), dataset.content_key(split)], 16)
+    return {"cache_id": str(dataset.cache_id),
+            "classes": stable_hash([list(dataset.classnames), list(dataset.templates)], 16),
+            "splits": splits}
+
+
+def result_identity(backbone: Any, dataset: Any, **features: Any) -> dict[str, Any]:
+    """Everything besides (method, shots, seed) that determines a result row: the backbone's weights and
+    preprocessing (its fingerprint), the dataset's content, and the feature-extraction options that change
+    the numbers (augmented views and their scope and seed, dtype, decode path, engine, skipped images)."""
+    from ..cache import stable_hash
+
+    detail = {"backbone_fingerprint": str(backbone.fingerprint()), "dataset": dataset_identity(dataset),
+              "features": dict(sorted(features.items()))}
+    return {"identity": stable_hash(detail, 20), "identity_detail": detail}
+
+
+def describe_identity_change(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two ``identity_detail`` dicts (what changed, in words)."""
+    if not isinstance(old, dict):
+        return ["the stored rows predate data identities (an older xmodal), so they cannot be verified"]
+    out = []
+    if old.get("backbone_fingerprint") != new.get("backbone_fingerprint"):
+        out.append(f"backbone weights (fingerprint {old.get('backbone_fingerprint')} -> "
+                   f"{new.get('backbone_fingerprint')})")
+    od, nd = old.get("dataset") or {}, new.get("dataset") or {}
+    if od.get("cache_id") != nd.get("cache_id"):
+        out.append(f"dataset location ({od.get('cache_id')} -> {nd.get('cache_id')})")
+    if od.get("classes") != nd.get("classes"):
+        out.append("class names or prompt templates")
+    osp, nsp = od.get("splits") or {}, nd.get("splits") or {}
+    changed = sorted(s for s in set(osp) | set(nsp) if osp.get(s) != nsp.get(s))
+    if changed:
+        out.append(f"dataset content of split(s) {', '.join(changed)} (images added, removed, relabelled or edited)")
+    of, nf = old.get("features") or {}, new.get("features") or {}
+    for k in sorted(set(of) | set(nf)):
+        if of.get(k) != nf.get(k):
+            out.append(f"{k} {of.get(k)!r} -> {nf.get(k)!r}")
+    return out or ["the recorded identity differs"]

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..fewshot.base import FewShotMethod, available_methods, create_method
-from ..errors import InputError, UsageError
+from ..errors import DatasetError, InputError, UsageError
 from ..featureset import FeatureSet
 from .provenance import git_commit, git_dirty, utc_timestamp, xmodal_version
 
@@ -97,6 +97,8 @@ class FeatureBank:
     num_workers: int = 0
     progress: bool = True
     skip_corrupt: bool = False
+    dtype: str | None = None  # extraction precision (None: fp32); part of the feature-cache key
+    decode: str = "pil"  # "pil" or "tensor" (eval features only; views always decode with PIL)
     extract_fn: Callable[..., FeatureSet] = _default_extract
     _plain: dict[str, FeatureSet] = field(default_factory=dict, repr=False)
     _views: FeatureSet | None = field(default=None, repr=False)
@@ -112,7 +114,11 @@ class FeatureBank:
     # ----- extraction ---------------------------------------------------------------------
     def _extract(self, split: str, samples: list | None = None, views: int = 0) -> FeatureSet:
         start = time.perf_counter()
-        extra = {"skip_corrupt": True} if self.skip_corrupt else {}  # fakes in tests need not know the option
+        extra: dict[str, Any] = {"skip_corrupt": True} if self.skip_corrupt else {}  # fakes need not know these
+        if self.dtype is not None:
+            extra["dtype"] = self.dtype
+        if self.decode != "pil":
+            extra["decode"] = self.decode
         fs = self.extract_fn(
             self.backbone, self.dataset, split, samples=samples, augment_views=views,
             augment_seed=self.augment_seed, cache_dir=self.cache_dir, batch_size=self.batch_size,
@@ -285,7 +291,8 @@ def prepare_episode(bank: FeatureBank, shots: int, seed: int, *, backbone_spec: 
     start = time.perf_counter()
     split = split_fn(bank.dataset, shots, seed)
     if not split.test:
-        raise ValueError(f"{_dataset_spec(bank.dataset)} has no test samples; cannot score an episode")
+        raise DatasetError(f"{_dataset_spec(bank.dataset)} has no test samples; cannot score an episode",
+                           hint="add a test/ split (ImageFolder) or 'test' entries (split file)")
     leaked = ({s.id for s in split.support} | {s.id for s in split.val}) & {s.id for s in split.test}
     if leaked:
         raise ProtocolError(f"{len(leaked)} test image(s) also in the support/val set (e.g. {sorted(leaked)[:3]}); "

@@ -1,4 +1,9 @@
-"""Append-only JSONL result store: one row per (method, backbone, dataset, shots, seed).
+"""Append-only JSONL result store: one row per (method, backbone, dataset, shots, seed, identity).
+
+``identity`` is a digest of everything else that determines a row (backbone fingerprint, dataset content,
+extraction options; see ``provenance.result_identity``), so a row is only ever found again by a request
+made with the same weights, data and options. Rows without one (older files) have identity "" and are
+never matched by a sweep.
 
 * Each row is written with a single ``write`` of one complete line, then flushed and fsync'ed, under
   an advisory file lock, so a finished row survives a crash and two writers never interleave.
@@ -8,6 +13,7 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
@@ -19,17 +25,20 @@ try:  # POSIX advisory locking; absent on Windows, where appends are still singl
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-KEY_FIELDS = ("method", "backbone", "dataset", "shots", "seed")
+KEY_FIELDS = ("method", "backbone", "dataset", "shots", "seed")  # required; "identity" is optional ("")
 
-RowKey = tuple[str, str, str, int, int]
+RowKey = tuple[str, str, str, int, int, str]
 
 
 def row_key(row: dict[str, Any]) -> RowKey:
-    """The identity of a result row; a store holds at most one row per key."""
+    """The key of a result row; a store holds at most one row per key."""
+    if not isinstance(row, dict):
+        raise TypeError(f"a result row is a JSON object, got {type(row).__name__}")
     missing = [f for f in KEY_FIELDS if f not in row]
     if missing:
         raise KeyError(f"result row lacks key field(s) {missing}; a row needs {KEY_FIELDS}")
-    return (str(row["method"]), str(row["backbone"]), str(row["dataset"]), int(row["shots"]), int(row["seed"]))
+    return (str(row["method"]), str(row["backbone"]), str(row["dataset"]), int(row["shots"]), int(row["seed"]),
+            str(row.get("identity") or ""))
 
 
 class ResultStore:
@@ -137,10 +146,22 @@ class ResultStore:
             self._catch_up(fh, repair=True)  # rows another process appended meanwhile, a torn tail
             if key in self._index:
                 return False
-            view = memoryview(line)
-            while view:  # one write() almost always suffices; loop in case of a short write
-                view = view[fh.write(view):]
-            _fsync(fh)
+            start = fh.seek(0, os.SEEK_END)
+            try:
+                view = memoryview(line)
+                while view:  # one write() almost always suffices; loop in case of a short write
+                    written = fh.write(view)
+                    if not written:  # never spin: a device that accepts nothing is full
+                        raise OSError(errno.ENOSPC, "no bytes written (disk full?)", str(self.path))
+                    view = view[written:]
+                _fsync(fh)
+            except BaseException:  # disk full, interrupted: leave no partial line behind
+                try:
+                    fh.truncate(start)
+                    _fsync(fh)
+                except OSError:
+                    pass  # the next open cuts the torn tail instead
+                raise
             self._size = fh.seek(0, os.SEEK_END)
         self._lines += 1
         self._index[key] = len(self._rows)

@@ -1,7 +1,9 @@
 """Resumable sweeps: backbone × datasets × shots × seeds × methods into ``OUT/results.jsonl``.
 
 * Rows already in the results file are skipped (a killed sweep continues where it stopped; an
-  episode whose methods are all done touches no feature at all).
+  episode whose methods are all done touches no feature at all) -- but only rows with this run's
+  ``identity``: the same backbone weights, dataset content and extraction options. Rows computed
+  from anything else are kept in the file, never reused, and named in a warning.
 * Features come from the on-disk cache of ``xmodal.features``; within a run each (backbone, dataset)
   is extracted once and every (shots, seed) reuses it.
 * After the sweep: ``OUT/table.md`` (mean ± std over seeds) and ``OUT/accuracy_vs_shots.png``.
@@ -11,14 +13,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..errors import InputError, UsageError
 from .plot import plot_accuracy_vs_shots
-from .provenance import git_commit, utc_timestamp, xmodal_version
-from .run import FeatureBank, _dataset_spec, _default_extract, _default_split, resolve_methods, run_episode
+from .provenance import describe_identity_change, git_commit, result_identity, utc_timestamp, xmodal_version
+from .run import (AUGMENT_SCOPES, FeatureBank, _dataset_spec, _default_extract, _default_split, resolve_methods,
+                  run_episode)
 from .store import ResultStore
 from .table import markdown_table
 
@@ -26,10 +31,6 @@ RESULTS_FILE = "results.jsonl"
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_shots.png"
 CONFIG_FILE = "sweep.json"
-
-
-class StaleResultsError(RuntimeError):
-    """The results folder holds rows made with a different backbone weights / feature setup."""
 
 
 @dataclass
@@ -44,12 +45,58 @@ class SweepResult:
     table: str
     repaired: str | None = None
     missing: list[tuple] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # rows of the grid computed from something else: not reused
 
 
-def _parse_list(value: str | Sequence[Any], cast: Callable[[str], Any] = str) -> list[Any]:
-    if isinstance(value, str):
-        return [cast(v.strip()) for v in value.split(",") if v.strip()]
-    return [cast(v) if isinstance(v, str) else v for v in value]
+def _parse_list(value: str | Sequence[Any], what: str, cast: Callable[[str], Any] = str) -> list[Any]:
+    try:
+        if isinstance(value, str):
+            return [cast(v.strip()) for v in value.split(",") if v.strip()]
+        return [cast(v) if isinstance(v, str) else v for v in value]
+    except ValueError:
+        raise UsageError(f"{what}: expected comma-separated values of type {cast.__name__}, got {value!r}",
+                         hint=f"e.g. --{what} 1,2,3") from None
+
+
+def _check_grid(shots: list[int], seeds: list[int], data_specs: list[str], augment_views: int,
+                augment_scope: str) -> None:
+    """Everything about the request that can be wrong, before any weights load or feature is computed."""
+    if not (shots and seeds and data_specs):
+        raise UsageError("a sweep needs at least one dataset, one shots value and one seed",
+                         hint="pass --data, --shots and --seeds")
+    for what, values in (("shots", shots), ("seeds", seeds), ("data", data_specs)):
+        dup = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if dup:
+            raise UsageError(f"--{what} lists {', '.join(map(str, dup))} more than once; each value is one "
+                             "episode (a repeated one would be counted twice in the means)",
+                             hint=f"list each value once in --{what}")
+    bad = [k for k in shots if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    if bad:
+        raise UsageError(f"--shots must be integers >= 1, got {bad}", hint="e.g. --shots 1,2,4,8,16")
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise UsageError(f"--seeds must be integers, got {seeds}", hint="e.g. --seeds 1,2,3")
+    if augment_views < 0:
+        raise UsageError(f"augment_views must be >= 0, got {augment_views}", hint="use --augment-views 0 or more")
+    if augment_scope not in AUGMENT_SCOPES:
+        raise UsageError(f"augment_scope must be one of {AUGMENT_SCOPES}, got {augment_scope!r}",
+                         hint="use --augment-scope " + "|".join(AUGMENT_SCOPES))
+
+
+def _stale_notes(store: ResultStore, backbone_spec: str, identities: dict[str, dict[str, Any]]) -> list[str]:
+    """Rows in the folder for the same (backbone, dataset) whose identity is not this run's: say what differs."""
+    notes = []
+    for d_spec, ident in identities.items():
+        old = [r for r in store.rows if r.get("backbone") == backbone_spec and r.get("dataset") == d_spec
+               and (r.get("identity") or "") != ident["identity"]]
+        by_identity: dict[str, list[dict[str, Any]]] = {}
+        for r in old:
+            by_identity.setdefault(str(r.get("identity") or ""), []).append(r)
+        for rows in by_identity.values():
+            changes = describe_identity_change(rows[0].get("identity_detail"), ident["identity_detail"])
+            notes.append(f"{len(rows)} row(s) for {backbone_spec} on {d_spec} in {store.path} were computed from "
+                         f"something else ({'; '.join(changes)}): they stay in the file but are not reused; "
+                         "these cells are computed afresh (use a new --out folder to keep runs apart)")
+    return notes
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -58,80 +105,84 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _check_compatible(store: ResultStore, backbone_spec: str, fingerprint: str, dataset_specs: list[str],
-                      augment_views: int) -> None:
-    """Refuse to mix rows from different weights or view counts under one key (they would be skipped)."""
-    for row in store.rows:
-        if row.get("backbone") != backbone_spec or row.get("dataset") not in dataset_specs:
-            continue
-        if row.get("backbone_fingerprint") not in (None, fingerprint):
-            raise StaleResultsError(
-                f"{store.path} already holds rows for {backbone_spec!r} made with different weights "
-                f"(fingerprint {row.get('backbone_fingerprint')!r}, now {fingerprint!r}); "
-                "use a new --out folder (resuming would silently keep the old rows)")
-        if row.get("augment_views") not in (None, augment_views):
-            raise StaleResultsError(
-                f"{store.path} holds rows made with augment_views={row.get('augment_views')}, this sweep uses "
-                f"{augment_views}; use a new --out folder or the same --augment-views")
-
-
 def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int] | str, seeds: Sequence[int] | str,
               methods: str | Sequence[str], out_dir: str | os.PathLike[str], *,
               cache_dir: str = ".xmodal-cache", device: str | None = None, augment_views: int = 10,
               augment_scope: str = "split", augment_seed: int = 0, batch_size: int = 64, num_workers: int = 0,
-              progress: bool = True, write_report: bool = True,
+              progress: bool = True, write_report: bool = True, skip_corrupt: bool = False,
+              dtype: str | None = None, decode: str = "pil",
               extract_fn: Callable[..., Any] = _default_extract,
               split_fn: Callable[[Any, int, int], Any] = _default_split,
               on_row: Callable[[dict[str, Any]], None] | None = None) -> SweepResult:
-    """Run (or resume) a sweep. ``backbone``/``datasets`` are specs or already-built objects."""
+    """Run (or resume) a sweep. ``backbone``/``datasets`` are specs or already-built objects.
+
+    A row is reused only when it was computed from the same backbone weights, dataset content and
+    extraction options (its ``identity``); rows of the same grid made from anything else stay in
+    ``results.jsonl`` but are recomputed, with a warning that says what changed (``SweepResult.stale``).
+    """
     names = resolve_methods(methods)  # fail before any expensive work
-    shots_l = [int(k) for k in _parse_list(shots, int)]
-    seeds_l = [int(s) for s in _parse_list(seeds, int)]
-    data_l = _parse_list(datasets) if isinstance(datasets, str) else list(datasets)
-    if not (shots_l and seeds_l and data_l):
-        raise ValueError("a sweep needs at least one dataset, one shots value and one seed")
-    backbone_spec = backbone if isinstance(backbone, str) else str(backbone.spec)
+    shots_l = _parse_list(shots, "shots", int)
+    seeds_l = _parse_list(seeds, "seeds", int)
+    data_l = _parse_list(datasets, "data") if isinstance(datasets, str) else list(datasets)
     data_specs = [d if isinstance(d, str) else _dataset_spec(d) for d in data_l]
+    _check_grid(shots_l, seeds_l, data_specs, augment_views, augment_scope)
+    backbone_spec = backbone if isinstance(backbone, str) else str(backbone.spec)
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder", hint="pass a folder path to --out")
+    # datasets first: a bad spec or layout fails before any weights load
+    if any(isinstance(d, str) for d in data_l):
+        from ..data import load_dataset
+
+        data_l = [load_dataset(d) if isinstance(d, str) else d for d in data_l]
+    if isinstance(backbone, str):
+        from ..backbones import load_backbone
+
+        backbone = load_backbone(backbone, device=device or "cpu")
+    options = {"augment_views": int(augment_views),
+               "augment_scope": augment_scope if augment_views > 0 else "none",
+               "augment_seed": int(augment_seed) if augment_views > 0 else None,
+               "dtype": str(dtype or "fp32"), "decode": str(decode or "pil"),
+               "engine": str(getattr(backbone, "engine", "torch")), "skip_corrupt": bool(skip_corrupt)}
+    identities = {d_spec: result_identity(backbone, d_obj, **options) for d_obj, d_spec in zip(data_l, data_specs)}
+
     out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out / RESULTS_FILE)
     grid = [(d, k, s) for d in data_specs for k in shots_l for s in seeds_l]
 
-    def pending(d: str, k: int, s: int) -> list[str]:
-        return [m for m in names if not store.has((m, backbone_spec, d, k, s))]
+    def key(m: str, d: str, k: int, s: int) -> tuple:
+        return (m, backbone_spec, d, k, s, identities[d]["identity"])
 
+    def pending(d: str, k: int, s: int) -> list[str]:
+        return [m for m in names if not store.has(key(m, d, k, s))]
+
+    stale = _stale_notes(store, backbone_spec, identities)
+    for note in stale:
+        warnings.warn(note, stacklevel=2)
     n_skipped = sum(len(names) - len(pending(*e)) for e in grid)
     n_new = 0
     todo = [e for e in grid if pending(*e)]
     if todo:
-        if isinstance(backbone, str):
-            from ..backbones import load_backbone
-
-            backbone = load_backbone(backbone, device=device or "cpu")
-        _check_compatible(store, backbone_spec, str(backbone.fingerprint()), data_specs, augment_views)
         _write_json_atomic(out / CONFIG_FILE, {
             "backbone": backbone_spec, "backbone_fingerprint": str(backbone.fingerprint()),
             "datasets": data_specs, "shots": shots_l, "seeds": seeds_l, "methods": names,
             "augment_views": augment_views, "augment_scope": augment_scope, "augment_seed": augment_seed,
+            "options": options, "identities": {d: i["identity"] for d, i in identities.items()},
             "cache_dir": str(cache_dir), "device": device, "xmodal_version": xmodal_version(),
             "git_commit": git_commit(), "updated": utc_timestamp(),
         })
         bar = _progress(total=len(grid), initial=len(grid) - len(todo), enabled=progress)
         try:
-            for d_obj, d_spec in zip(data_l, data_specs):
+            for dataset, d_spec in zip(data_l, data_specs):
                 episodes = [(k, s) for (d, k, s) in todo if d == d_spec]
                 if not episodes:
                     continue
-                dataset = d_obj
-                if isinstance(dataset, str):
-                    from ..data import load_dataset
-
-                    dataset = load_dataset(dataset)
+                ident = identities[d_spec]
                 bank = FeatureBank(backbone, dataset, augment_views=augment_views, augment_scope=augment_scope,
                                    augment_seed=augment_seed, cache_dir=str(cache_dir), device=device,
                                    batch_size=batch_size, num_workers=num_workers, progress=progress,
-                                   extract_fn=extract_fn)
+                                   skip_corrupt=skip_corrupt, dtype=dtype, decode=decode, extract_fn=extract_fn)
                 if augment_scope == "union" and augment_views > 0:
                     # the union over the whole grid (not only what is left), so the cache key is stable
                     bank.use_view_samples(x for k in shots_l for s in seeds_l
@@ -139,24 +190,24 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
                 for k, s in episodes:
                     bar.set_description(f"{d_spec} {k}-shot seed {s}")
 
-                    def record(row: dict[str, Any]) -> None:
+                    def record(row: dict[str, Any], ident: dict[str, Any] = ident) -> None:
                         nonlocal n_new
+                        row.update(ident)  # what the row was computed from: part of its key
                         if store.append(row):
                             n_new += 1
                         if on_row is not None:
                             on_row(row)
 
                     run_episode(bank, k, s, names, backbone_spec=backbone_spec, dataset_spec=d_spec,
-                                skip=lambda m, k=k, s=s, d=d_spec: store.has((m, backbone_spec, d, k, s)),
+                                skip=lambda m, k=k, s=s, d=d_spec: store.has(key(m, d, k, s)),
                                 on_row=record, device=device, split_fn=split_fn)
                     bar.update(1)
                 del bank
         finally:
             bar.close()
 
-    rows = [store.get((m, backbone_spec, d, k, s)) for (d, k, s) in grid for m in names]
-    missing = [(m, backbone_spec, d, k, s) for (d, k, s) in grid for m in names
-               if not store.has((m, backbone_spec, d, k, s))]
+    rows = [store.get(key(m, d, k, s)) for (d, k, s) in grid for m in names]
+    missing = [key(m, d, k, s) for (d, k, s) in grid for m in names if not store.has(key(m, d, k, s))]
     rows = [r for r in rows if r is not None]
     table = markdown_table(rows, methods=names, datasets=data_specs)
     table_path = plot_path = None
@@ -169,7 +220,7 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
             plot_path = plot_accuracy_vs_shots(rows, out / PLOT_FILE, methods=names, datasets=data_specs)
     return SweepResult(out_dir=out, results_path=store.path, table_path=table_path, plot_path=plot_path,
                        rows=rows, new_rows=n_new, skipped_rows=n_skipped, table=table,
-                       repaired=store.repaired, missing=missing)
+                       repaired=store.repaired, missing=missing, stale=stale)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -179,4 +230,4 @@ def _progress(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True, leave=True)
 
 
-__all__ = ["run_sweep", "SweepResult", "StaleResultsError", "RESULTS_FILE", "TABLE_FILE", "PLOT_FILE"]
+__all__ = ["run_sweep", "SweepResult", "RESULTS_FILE", "TABLE_FILE", "PLOT_FILE"]
