@@ -81,12 +81,12 @@ def test_bad_dataset_path_json_error(command, tmp_path):
     missing = tmp_path / "nowhere"
     res = runner.invoke(app, [command, "--backbone", "tiny:clip", "--data", f"imagefolder:{missing}",
                               "--cache-dir", str(tmp_path), "--device", "cpu", "--json"])
-    assert res.exit_code == 1
+    assert res.exit_code == 3
     doc = json.loads(res.stdout)
     assert str(missing) in doc["error"] and doc["type"] == "DatasetError"
     plain = runner.invoke(app, [command, "--backbone", "tiny:clip", "--data", "bogus:spec",
                                 "--cache-dir", str(tmp_path), "--device", "cpu"])
-    assert plain.exit_code == 1 and "error:" in plain.stderr and "known forms" in plain.stderr
+    assert plain.exit_code == 3 and "error:" in plain.stderr and "known forms" in plain.stderr
     assert plain.stdout == ""
 
 
@@ -94,10 +94,10 @@ def test_missing_split_and_corrupt_image_are_clean_errors(tiny_folder, tmp_path)
     base = ["features", "--backbone", "tiny:clip", "--data", f"imagefolder:{tiny_folder}",
             "--cache-dir", str(tmp_path), "--device", "cpu", "--json"]
     res = runner.invoke(app, base + ["--split", "val"])
-    assert res.exit_code == 1 and "no split 'val'" in json.loads(res.stdout)["error"]
+    assert res.exit_code == 3 and "no split 'val'" in json.loads(res.stdout)["error"]
     (tiny_folder / "test" / "class0" / "zz_broken.jpg").write_bytes(b"garbage")
     res = runner.invoke(app, base)
-    assert res.exit_code == 1
+    assert res.exit_code == 3
     doc = json.loads(res.stdout)
     assert doc["type"] == "CorruptImageError" and "zz_broken.jpg" in doc["error"]
     ok = _json(runner.invoke(app, base + ["--skip-corrupt"]))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 torch.set_num_threads(1)
@@ -30,14 +29,9 @@ needs_data = pytest.mark.skipif(not (COLORS.is_file() and GLUE.is_dir() and CAPT
 
 @pytest.fixture(scope="module")
 def app():
-    app = typer.Typer()
+    from xmodal.cli import app as xmodal_app  # the real command, with its one error path
 
-    @app.callback()
-    def main() -> None:  # keep sub-commands as sub-commands
-        pass
-
-    register(app)
-    return app
+    return xmodal_app
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +79,7 @@ def test_train_then_probe_with_and_without_adapter(app, env):
     base = ["probe", "colors", "--data", str(COLORS), "--device", "cpu", "--json"]
     # bare PLM without a trained head: clear refusal
     bad = runner.invoke(app, base + ["--plm", str(env["bare"])])
-    assert bad.exit_code == 1 and "no trained MLM head" in json.loads(bad.stdout)["error"]
+    assert bad.exit_code == 3 and "no trained MLM head" in json.loads(bad.stdout)["error"]
     # through the adapter (V+T experts, retrieval from the bank)
     r = _json(runner.invoke(app, base + ["--plm", str(env["bare"]), "--xadapter", str(out / "xadapter"),
                                          "--bank", str(env["bank"])]))
@@ -98,7 +92,7 @@ def test_train_then_probe_with_and_without_adapter(app, env):
                                            "--experts", "t", "--templates", "norlund"]))
     assert r_t["experts"] == ["t"] and r_t["n_templates"] == 13
     no_bank = runner.invoke(app, base + ["--plm", str(env["bare"]), "--xadapter", str(out / "xadapter")])
-    assert no_bank.exit_code == 1 and "--bank" in json.loads(no_bank.stdout)["error"]
+    assert no_bank.exit_code == 3 and "--bank" in json.loads(no_bank.stdout)["error"]
 
 
 @needs_data

@@ -12,14 +12,19 @@ from typing import Optional
 
 import typer
 
-from .cli_util import DEFAULT_BACKBONE, emit_json, fail, resolve_device
-from .errors import XmodalError
+from .cli_errors import XmodalGroup
+from .cli_util import DEFAULT_BACKBONE, emit_json, resolve_device
 
-# bad specs, paths, files or options: reported as one clear message (or JSON), never a traceback
-INPUT_ERRORS = (XmodalError, ValueError, KeyError, FileNotFoundError)
-
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=XmodalGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cross-modal adapters: few-shot CLIP adaptation and visual knowledge for language models.")
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Print the traceback of an error (also: XMODAL_DEBUG=1)."),
+) -> None:
+    """Errors: one line on stderr (one JSON document with --json); exit codes 2 usage, 3 input data,
+    4 environment or resources, 1 internal error."""
 
 @app.command()
 def backbones(as_json: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
@@ -70,17 +75,14 @@ def features(
     from .data import load_dataset
     from .features import extract_features
 
-    try:
-        t0 = time.perf_counter()
-        bb = load_backbone(backbone, device=resolve_device(device), cache_dir=cache_dir)
-        ds = load_dataset(data)
-        t1 = time.perf_counter()
-        fs = extract_features(bb, ds, split, augment_views=augment_views, augment_seed=augment_seed,
-                              cache_dir=cache_dir, batch_size=batch_size, dtype=dtype, num_workers=workers,
-                              skip_corrupt=skip_corrupt, progress=not as_json)
-        t2 = time.perf_counter()
-    except INPUT_ERRORS as exc:
-        fail(exc, as_json)
+    t0 = time.perf_counter()
+    bb = load_backbone(backbone, device=resolve_device(device), cache_dir=cache_dir)
+    ds = load_dataset(data)
+    t1 = time.perf_counter()
+    fs = extract_features(bb, ds, split, augment_views=augment_views, augment_seed=augment_seed,
+                          cache_dir=cache_dir, batch_size=batch_size, dtype=dtype, num_workers=workers,
+                          skip_corrupt=skip_corrupt, progress=not as_json)
+    t2 = time.perf_counter()
     out = {"backbone": bb.name, "fingerprint": bb.fingerprint(), "dataset": ds.name, "split": split,
            "n": len(fs), "dim": fs.dim, "augment_views": augment_views, "load_seconds": round(t1 - t0, 3),
            "extract_seconds": round(t2 - t1, 3), "cache_dir": cache_dir}
@@ -102,6 +104,7 @@ def zeroshot(
     device: str = typer.Option("auto", help="cpu, cuda ... or auto."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (GPU)."),
     workers: int = typer.Option(0, help="Data-loader worker processes."),
+    skip_corrupt: bool = typer.Option(False, help="Skip unreadable images with a warning instead of failing."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Zero-shot top-1 accuracy with the prompt-ensemble text classifier."""
@@ -109,13 +112,11 @@ def zeroshot(
     from .data import load_dataset
     from .zeroshot import evaluate_zeroshot
 
-    try:
-        bb = load_backbone(backbone, device=resolve_device(device), cache_dir=cache_dir)
-        ds = load_dataset(data)
-        out = evaluate_zeroshot(bb, ds, split, templates.split("|") if templates else None, cache_dir=cache_dir,
-                                batch_size=batch_size, dtype=dtype, num_workers=workers, progress=not as_json)
-    except INPUT_ERRORS as exc:
-        fail(exc, as_json)
+    bb = load_backbone(backbone, device=resolve_device(device), cache_dir=cache_dir)
+    ds = load_dataset(data)
+    out = evaluate_zeroshot(bb, ds, split, templates.split("|") if templates else None, cache_dir=cache_dir,
+                            batch_size=batch_size, dtype=dtype, num_workers=workers, skip_corrupt=skip_corrupt,
+                            progress=not as_json)
     if as_json:
         emit_json(out)
         return
@@ -130,9 +131,11 @@ def zeroshot(
 def _register_subcommands() -> None:
     from .bench.cli import register as register_bench
     from .xadapter.cli import register as register_xadapter
+    from .serve.cli import register as register_serve
 
     register_bench(app)
     register_xadapter(app)
+    register_serve(app)
 
 
 _register_subcommands()

@@ -5,18 +5,32 @@ import json
 import sys
 from typing import Any
 
-import typer
+from .errors import ResourceError, UsageError
 
 DEFAULT_BACKBONE = "bridge:lite0-minilm"
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is passed through."""
-    if device != "auto":
-        return device
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a named device is checked before any work."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device {device!r}", hint="use --device auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ResourceError(f"--device {device}: no CUDA GPU is visible on this machine",
+                                hint="use --device cpu (or --device auto)")
+        if dev.index is not None and dev.index >= count:
+            raise ResourceError(f"--device {device}: only {count} CUDA GPU(s) are visible",
+                                hint=f"use --device cuda:0 … cuda:{count - 1}")
+    elif dev.type not in {"cpu", "cuda"}:
+        raise UsageError(f"device type {dev.type!r} is not supported", hint="use --device auto, cpu or cuda[:N]")
+    return device
 
 
 def emit_json(payload: Any, sort_keys: bool = False) -> None:
@@ -24,11 +38,3 @@ def emit_json(payload: Any, sort_keys: bool = False) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, sort_keys=sort_keys, default=str) + "\n")
     sys.stdout.flush()
 
-
-def fail(exc: Exception, as_json: bool) -> None:
-    """Report an input error (as ``{"error", "type"}`` with --json) and exit with status 1."""
-    if as_json:
-        emit_json({"error": str(exc), "type": type(exc).__name__})
-    else:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)

@@ -61,6 +61,7 @@ def fewshot_command(
                                       help="extract views for the 'support' images only, or the whole train 'split'"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     num_workers: int = typer.Option(0, "--num-workers", min=0),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="skip unreadable images with a warning"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON document (rows + context) instead of a table"),
 ) -> None:
     """One few-shot episode: fit each method on K shots (+ validation), report top-1 on test."""
@@ -73,10 +74,11 @@ def fewshot_command(
     from ..data import load_dataset
 
     dev = resolve_device(device)
+    ds = load_dataset(data)  # the cheap check first: a bad spec fails before any weights load
     bb = load_backbone(backbone, device=dev)
-    ds = load_dataset(data)
     bank = FeatureBank(bb, ds, augment_views=augment_views, augment_scope=augment_scope, cache_dir=cache_dir,
-                       device=dev, batch_size=batch_size, num_workers=num_workers, progress=True)
+                       device=dev, batch_size=batch_size, num_workers=num_workers, progress=True,
+                       skip_corrupt=skip_corrupt)
     rows = run_episode(bank, shots, seed, names, backbone_spec=backbone, dataset_spec=data, device=dev)
     context_keys = ("backbone", "backbone_name", "backbone_fingerprint", "stand_in", "dataset", "dataset_name",
                     "num_classes", "shots", "seed", "templates", "val_rule", "n_support", "n_val", "n_test",
@@ -117,6 +119,7 @@ def bench_command(
                                       help="views for the whole train 'split', the 'union' of all support sets, or per-episode 'support'"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     num_workers: int = typer.Option(0, "--num-workers", min=0),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="skip unreadable images with a warning"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON summary document instead of the table"),
 ) -> None:
     """Resumable sweep over datasets × shots × seeds × methods; writes OUT/results.jsonl, table.md and a plot."""
@@ -135,7 +138,7 @@ def bench_command(
     dev = resolve_device(device)
     result = run_sweep(backbone, datasets, shots_l, seeds_l, names, out, cache_dir=cache_dir, device=dev,
                        augment_views=augment_views, augment_scope=augment_scope, batch_size=batch_size,
-                       num_workers=num_workers, progress=True)
+                       num_workers=num_workers, progress=True, skip_corrupt=skip_corrupt)
     if result.repaired:
         err.print(f"[yellow]note:[/yellow] {result.results_path}: {result.repaired}")
     if as_json:
@@ -163,12 +166,3 @@ def register(app: typer.Typer) -> None:
     app.command("fewshot")(fewshot_command)
     app.command("bench")(bench_command)
 
-
-def main() -> None:  # standalone entry point: python -m xmodal.bench.cli
-    app = typer.Typer(add_completion=False, no_args_is_help=True)
-    register(app)
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import typer
 
-from ..errors import XmodalError
+from ..cli_util import resolve_device
 from .bank import RetrievalBank, exact_topk, recall_at_k
 
 
@@ -125,22 +125,15 @@ def register_bank(xadapter_app: typer.Typer) -> None:
         from ..data import load_dataset
 
         start = time.perf_counter()
-        try:
-            dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            bb = load_backbone(backbone, device=dev)
-            ds = load_dataset(data)
-            bank = RetrievalBank.build(bb, ds, out, split=split, index=index, nlist=nlist, nprobe=nprobe,
-                                       with_tokens=not no_tokens, batch_size=batch_size, device=dev,
-                                       cache_dir=cache_dir, dataset_spec=data, progress=not json_out)
-            built = time.perf_counter() - start
-            summary = bank_summary(bank, bb, ds, recall_k=recall_k, recall_queries=recall_queries,
-                                   cache_dir=cache_dir, batch_size=batch_size, device=dev)
-        except (XmodalError, ValueError, OSError) as exc:
-            if json_out:
-                typer.echo(json.dumps({"error": str(exc), "type": type(exc).__name__}))
-            else:
-                typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
+        dev = resolve_device(device or "auto")
+        bb = load_backbone(backbone, device=dev)
+        ds = load_dataset(data)
+        bank = RetrievalBank.build(bb, ds, out, split=split, index=index, nlist=nlist, nprobe=nprobe,
+                                   with_tokens=not no_tokens, batch_size=batch_size, device=dev,
+                                   cache_dir=cache_dir, dataset_spec=data, progress=not json_out)
+        built = time.perf_counter() - start
+        summary = bank_summary(bank, bb, ds, recall_k=recall_k, recall_queries=recall_queries,
+                               cache_dir=cache_dir, batch_size=batch_size, device=dev)
         summary["build_seconds"] = round(built, 2)
         if json_out:
             typer.echo(json.dumps(summary))

@@ -24,14 +24,6 @@ def _logger(json_out: bool):
     return lambda msg: typer.echo(msg, err=json_out)
 
 
-def _fail(exc: Exception, json_out: bool) -> None:
-    if json_out:
-        typer.echo(json.dumps({"error": str(exc), "type": type(exc).__name__}))
-    else:
-        typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(1)
-
-
 def _emit(result: dict, json_out: bool, human) -> None:
     if json_out:
         typer.echo(json.dumps(result, default=str))
@@ -94,10 +86,7 @@ def train_command(
                      experts=experts, layers=layers, heads=heads, attn_dim=attn_dim, proj_dim=proj_dim,
                      bottleneck=bottleneck, feature_source=feature_source, k=k, save_every=save_every,
                      stop_after=stop_after, max_texts=max_texts, progress=not json_out)
-    try:
-        summary = train_mlm(args, log=_logger(json_out))
-    except (XmodalError, OSError) as exc:
-        _fail(exc, json_out)
+    summary = train_mlm(args, log=_logger(json_out))
 
     def human(s):
         state = "finished" if s["finished"] else f"stopped at step {s['steps_done']} (continue with --resume)"
@@ -124,11 +113,8 @@ def probe_colors_command(
 ) -> None:
     """Zero-shot object-colour probe: accuracy over template x object, argmax within the dataset's colours."""
     _quiet_hf()
-    try:
-        result = run_probe(data, plm, xadapter, backbone, bank, templates, experts, trailing_period, batch_size,
-                           device, log=_logger(json_out))
-    except (XmodalError, OSError) as exc:
-        _fail(exc, json_out)
+    result = run_probe(data, plm, xadapter, backbone, bank, templates, experts, trailing_period, batch_size,
+                       device, log=_logger(json_out))
 
     def human(r):
         typer.echo(f"colour probe on {r['data']} ({r['n_objects']} objects x {r['n_templates']} templates), "
@@ -213,10 +199,7 @@ def glue_command(
                     epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
                     max_train=max_train, max_eval=max_eval, freeze_plm=freeze_plm, device=device,
                     progress=not json_out)
-    try:
-        result = run_glue(args, log=_logger(json_out))
-    except (XmodalError, OSError) as exc:
-        _fail(exc, json_out)
+    result = run_glue(args, log=_logger(json_out))
 
     def human(r):
         for split, metrics in r["metrics"].items():

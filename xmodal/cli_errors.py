@@ -1,0 +1,166 @@
+"""One error path for the whole ``xmodal`` command.
+
+Commands raise; nothing below the top-level group prints an error. ``XmodalGroup.main`` turns any
+exception into one line on stderr (what, where, how to fix) or, with ``--json``, exactly one JSON
+document ``{"error", "type", "hint"}`` on stdout, and exits with a documented code:
+
+  0 success · 1 internal error (a bug: rerun with --debug and report it) · 2 usage ·
+  3 input data · 4 environment or resources · 130 interrupted
+
+A traceback is printed only with ``--debug`` (anywhere on the command line) or ``XMODAL_DEBUG=1``.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import typer
+from typer import exceptions as typer_exceptions
+from typer._click import exceptions as click_exceptions  # typer vendors click: its exception classes live here
+from typer.core import TyperGroup
+
+from .errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_INTERNAL, EXIT_USAGE, XmodalError
+
+EXIT_INTERRUPTED = 130
+DEBUG_FLAG = "--debug"
+JSON_FLAG = "--json"
+
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_ENV_ERRNOS = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.EMFILE: "too many open files",
+               errno.ENOMEM: "out of memory"}
+_PATH_ERRNOS = {errno.ENOENT: "no such file or directory", errno.ENOTDIR: "not a directory",
+                errno.EISDIR: "is a directory", errno.ELOOP: "too many levels of symbolic links",
+                errno.ENAMETOOLONG: "file name too long"}
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """What the user sees: one message, the kind of error, how to fix it, and the exit code."""
+
+    message: str
+    type: str
+    hint: str
+    exit_code: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"error": self.message, "type": self.type, "hint": self.hint, "exit_code": self.exit_code}
+
+    def as_line(self) -> str:
+        text = f"error: {self.message}"
+        if self.hint:
+            text += f" — {self.hint}"
+        return " ".join(text.split())  # one line, whatever the message contained
+
+
+def debug_enabled(args: Sequence[str] = ()) -> bool:
+    return DEBUG_FLAG in args or os.environ.get("XMODAL_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _oserror_report(exc: OSError) -> ErrorReport:
+    where = " ".join(str(p) for p in (exc.filename, exc.filename2) if p)
+    what = exc.strerror or str(exc)
+    name = type(exc).__name__
+    if exc.errno in _DISK_ERRNOS:
+        return ErrorReport(f"{_DISK_ERRNOS[exc.errno]} while writing {where or 'output'}", name,
+                           "free space or point --cache-dir / --out at another disk, then rerun: finished work is kept "
+                           "and the rerun resumes", EXIT_ENVIRONMENT)
+    if exc.errno in _ENV_ERRNOS:
+        return ErrorReport(f"{_ENV_ERRNOS[exc.errno]}: {where or what}", name,
+                           "choose a writable folder (--cache-dir / --out) or fix the permissions", EXIT_ENVIRONMENT)
+    if exc.errno in _PATH_ERRNOS or isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return ErrorReport(f"{_PATH_ERRNOS.get(exc.errno, what)}: {where or what}", name,
+                           "check the path (and any symbolic link on it) and try again", EXIT_INPUT)
+    return ErrorReport(f"{what}{': ' + where if where else ''}", name,
+                       "check the file system and the paths given, then rerun", EXIT_ENVIRONMENT)
+
+
+def _is_device_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(k in text for k in ("cuda", "nvidia driver", "torch not compiled with", "no kernel image", "mps ", "device-side",
+                                   "invalid device", "expected one of cpu"))
+
+
+def classify(exc: BaseException) -> ErrorReport:
+    """Map any exception to an ``ErrorReport`` (exit code and hint by kind)."""
+    name = type(exc).__name__
+    if isinstance(exc, XmodalError):
+        return ErrorReport(str(exc), name, exc.hint, exc.exit_code)
+    if isinstance(exc, click_exceptions.UsageError):
+        cmd = exc.ctx.command_path if exc.ctx is not None else "xmodal"
+        return ErrorReport(exc.format_message(), "UsageError", f"run `{cmd} --help` to see the options", EXIT_USAGE)
+    if isinstance(exc, click_exceptions.ClickException):
+        return ErrorReport(exc.format_message(), "UsageError", "run `xmodal --help`", EXIT_USAGE)
+    if isinstance(exc, (KeyboardInterrupt, typer_exceptions.Abort)):
+        return ErrorReport("interrupted", "Interrupted",
+                           "rerun the same command: finished work is kept and it resumes", EXIT_INTERRUPTED)
+    if isinstance(exc, MemoryError):
+        return ErrorReport("out of memory", name, "lower --batch-size or use a machine with more memory",
+                           EXIT_ENVIRONMENT)
+    if isinstance(exc, OSError):
+        return _oserror_report(exc)
+    try:
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(exc, (UnidentifiedImageError, Image.DecompressionBombError)):
+            return ErrorReport(f"cannot decode image: {exc}", name,
+                               "remove or replace the file, or pass --skip-corrupt where the command offers it",
+                               EXIT_INPUT)
+    except ImportError:  # pragma: no cover - PIL is a dependency
+        pass
+    if isinstance(exc, (RuntimeError, AssertionError)) and _is_device_error(exc):
+        return ErrorReport(f"the requested device is not usable here: {str(exc).splitlines()[0]}", name,
+                           "use --device cpu (or --device auto), or check the GPU driver", EXIT_ENVIRONMENT)
+    if isinstance(exc, UnicodeDecodeError):
+        return ErrorReport(f"a file is not valid UTF-8 text: {exc}", name,
+                           "check that the file given is the text format the command expects", EXIT_INPUT)
+    if isinstance(exc, (ValueError, KeyError, IndexError)):
+        text = str(exc) if not isinstance(exc, KeyError) else f"missing key {exc}"
+        return ErrorReport(text, name, "check the inputs and options named in the message", EXIT_INPUT)
+    return ErrorReport(f"internal error: {name}: {exc}", name,
+                       "this is a bug in xmodal: rerun with --debug and report the traceback", EXIT_INTERNAL)
+
+
+def report(exc: BaseException, as_json: bool, debug: bool) -> int:
+    """Print the error once (stderr line, or JSON on stdout) and return its exit code."""
+    if isinstance(exc, click_exceptions.NoArgsIsHelpError):  # a bare group: show its help, as click does
+        typer.echo(exc.format_message(), err=True)
+        return EXIT_USAGE
+    rep = classify(exc)
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    if as_json:
+        sys.stdout.write(json.dumps(rep.as_dict()) + "\n")
+        sys.stdout.flush()
+    else:
+        typer.secho(rep.as_line(), fg="red", err=True)
+    return rep.exit_code
+
+
+class XmodalGroup(TyperGroup):
+    """The top-level group: runs a command and sends every failure through ``report``."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = debug_enabled(argv)
+        argv = [a for a in argv if a != DEBUG_FLAG]
+        as_json = JSON_FLAG in argv
+        try:
+            rv = super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
+                              standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except typer_exceptions.Exit as exc:
+            code = exc.exit_code
+        except SystemExit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the single place that reports errors
+            code = report(exc, as_json, debug)
+        if standalone_mode:
+            sys.exit(code)
+        return code
