@@ -70,3 +70,9 @@ class CacheMismatchError(InputError):
 
 class ShapeError(InputError):
     """Arrays passed to a method have inconsistent shapes."""
+
+
+class UnknownBackboneError(InputError, ValueError):
+    """A backbone spec of no known form (also a ValueError, for callers that catch that)."""
+
+    hint = "run `xmodal backbones` for the spec forms"
