@@ -10,6 +10,37 @@ from .config import XAdapterConfig
 from .modules import XContext
 
 DEFAULT_BACKBONE = "bridge:lite0-minilm"
+# What the V-expert receives: the retrieved images ("real"), images of other classes in place of each
+# retrieved one ("shuffled", a control that keeps the input distribution but breaks the text-image link),
+# or all-zero features ("zero", a control with the same modules and no visual information).
+VISUAL_MODES = ("real", "shuffled", "zero")
+
+
+def row_classes(bank) -> list[str]:
+    """Class of every bank row, read from its sample id (``<split>/<class>/<file>`` for ImageFolder pools)."""
+    out = []
+    for sid in bank.ids:
+        parts = str(sid).split("/")
+        if len(parts) < 2:
+            raise XmodalError(f"bank sample id {sid!r} names no class; the shuffled control needs an ImageFolder-style "
+                              "pool (<split>/<class>/<file> ids)", hint="build the bank from an imagefolder: dataset")
+        out.append(parts[-2])
+    return out
+
+
+def shuffle_map(classes: list[str], seed: int = 0) -> torch.Tensor:
+    """Row -> row of another class: classes are moved along one random cycle (so no class maps to itself),
+    the j-th image of class c becomes the j-th image (mod its size) of the next class on the cycle."""
+    names = sorted(set(classes))
+    if len(names) < 2:
+        raise XmodalError("the shuffled control needs a pool with at least two classes")
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    nxt = {names[order[i]]: names[order[(i + 1) % len(order)]] for i in range(len(order))}
+    rows: dict[str, list[int]] = {}
+    for r, c in enumerate(classes):
+        rows.setdefault(c, []).append(r)
+    pos = {r: j for c in rows for j, r in enumerate(rows[c])}
+    return torch.tensor([rows[nxt[c]][pos[r] % len(rows[nxt[c]])] for r, c in enumerate(classes)], dtype=torch.long)
 
 
 def load_bank(directory: str | Path, backbone=None):
@@ -50,9 +81,16 @@ class ContextBuilder:
     ``k`` images and gets its own CLIP text features; an example's segments are concatenated.
     """
 
-    def __init__(self, config: XAdapterConfig, backbone=None, bank=None, device="cpu") -> None:
+    def __init__(self, config: XAdapterConfig, backbone=None, bank=None, device="cpu", visual: str = "real",
+                 shuffle_seed: int = 0) -> None:
+        if visual not in VISUAL_MODES:
+            raise XmodalError(f"unknown visual input {visual!r}; use one of {', '.join(VISUAL_MODES)}")
         self.config, self.backbone, self.bank = config, backbone, bank
         self.device = torch.device(device)
+        self.visual, self.shuffle_seed = visual, shuffle_seed
+        self._shuffle: torch.Tensor | None = None
+        self.last_rows: torch.Tensor | None = None      # bank rows retrieved for the last batch (before shuffling)
+        self.last_fed_rows: torch.Tensor | None = None  # bank rows whose features were fed to the V-expert
 
     def build(self, texts, experts: tuple[str, ...] = ("v", "t")) -> XContext:
         examples = [tuple(t for t in ([x] if isinstance(x, str) else x) if t is not None) for x in texts]
@@ -64,7 +102,7 @@ class ContextBuilder:
         # With both experts on pooled features, the retrieval query and the T-expert input are the same
         # CLIP text embedding: encode each text once.
         shared = None
-        if ("v" in experts and "t" in experts and self.config.feature_source == "pooled"
+        if ("v" in experts and "t" in experts and self.config.feature_source == "pooled" and self.visual != "zero"
                 and self.backbone is not None and self.bank is not None):
             shared = self.backbone.encode_texts(flat)
         if "v" in experts:
@@ -84,6 +122,12 @@ class ContextBuilder:
 
     def visual_features(self, texts: list[str], query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """k retrieved images per text; ``query`` = the texts' CLIP embeddings when already computed."""
+        if self.visual == "zero":
+            dim = self.config.clip_dim
+            per = 1 if self.config.feature_source == "pooled" else max(1, int(getattr(self.bank, "num_tokens", 0) or 1))
+            feats = torch.zeros(len(texts), self.config.k * per, dim, device=self.device)
+            self.last_rows = self.last_fed_rows = None
+            return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=self.device)
         if self.bank is None or self.backbone is None:
             raise XmodalError("the V-expert needs retrieved images: pass --bank DIR (and --backbone SPEC), "
                               "or switch it off with --experts t")
@@ -94,6 +138,12 @@ class ContextBuilder:
 
             check_backbone(self.bank.meta, self.backbone, self.bank.directory)
             _, idx = self.bank.search(query.float().cpu(), self.config.k)
+        self.last_rows = idx.detach().cpu()
+        if self.visual == "shuffled":
+            if self._shuffle is None:
+                self._shuffle = shuffle_map(row_classes(self.bank), self.shuffle_seed)
+            idx = self._shuffle[idx.cpu()].to(idx.device)
+        self.last_fed_rows = idx.detach().cpu()
         if self.config.feature_source == "pooled":
             feats = self.bank.embeddings(idx)                                  # (N, k, D)
         else:

@@ -10,16 +10,21 @@ def special_tokens_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, ratio: float = 0.15,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None,
+                focus_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (masked input ids, labels with -100 on unselected positions, bool "replaced by [MASK]" matrix).
 
     Each real, non-special token is selected with probability ``ratio`` (at least one per sequence);
     of the selected, 80% become the mask token, 10% a random token and 10% stay unchanged.
+    ``focus_ids``: token ids that are always selected when present (e.g. the colour terms); the random
+    draws are the same with or without it, so the rest of the selection does not change.
     """
     ids = input_ids.clone()
     candidates = attention_mask.bool() & ~special_tokens_mask(ids, tokenizer)
     probs = torch.rand(ids.shape, generator=generator)
     selected = (probs < ratio) & candidates
+    if focus_ids is not None and focus_ids.numel():
+        selected |= torch.isin(ids, focus_ids.to(ids.device)) & candidates
     # at least one prediction per sequence that has a candidate
     none = ~selected.any(1) & candidates.any(1)
     if none.any():

@@ -112,10 +112,13 @@ def color_token_ids(colors: list[str], tokenizer) -> dict[str, int]:
 
 @torch.no_grad()
 def probe_colors(model, tokenizer, items: list[ColorItem], templates: str = "valm", trailing_period: bool = False,
-                 builder=None, batch_size: int = 64, device: str | torch.device = "cpu") -> dict:
+                 builder=None, batch_size: int = 64, device: str | torch.device = "cpu",
+                 details: bool = False) -> dict:
     """Accuracy (%) over template x object, argmax restricted to the colours present in ``items``.
 
     ``builder`` (a ``ContextBuilder``) supplies the CLIP context when the model has active experts.
+    ``details=True`` adds ``predictions``: one record per (template, object) with the gold and predicted
+    colour and the candidate probabilities (for paired statistics and per-class confusions).
     """
     if templates not in TEMPLATE_SETS:
         raise XmodalError(f"unknown template set {templates!r}; use valm (VaLM's 9) or norlund (13)")
@@ -130,7 +133,7 @@ def probe_colors(model, tokenizer, items: list[ColorItem], templates: str = "val
     jobs = [(t, it) for t in range(len(tmpl)) for it in items]
     correct = torch.zeros(len(tmpl), dtype=torch.long)
     confusion: dict[str, dict[str, int]] = {c: {d: 0 for d in colors} for c in colors}
-    examples = []
+    examples, records = [], []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start: start + batch_size]
         filled = [fill_template(tmpl[t], it, tokenizer, trailing_period) for t, it in chunk]
@@ -145,7 +148,13 @@ def probe_colors(model, tokenizer, items: list[ColorItem], templates: str = "val
         else:
             logits = model(**enc).logits
         at_mask = logits[mask_pos]                                   # (B, V)
-        pred = at_mask[:, cand].argmax(-1).cpu()
+        cand_logits = at_mask[:, cand].float()
+        pred = cand_logits.argmax(-1).cpu()
+        if details:
+            probs = cand_logits.softmax(-1).cpu()
+            for (t, it), p, row in zip(chunk, pred.tolist(), probs.tolist()):
+                records.append({"template": t, "item": f"{it.descriptor} {it.item}".strip(), "gold": it.color,
+                                "pred": colors[p], "probs": [round(x, 5) for x in row]})
         for (t, it), p, (prompt, query) in zip(chunk, pred.tolist(), filled):
             guess = colors[p]
             correct[t] += int(guess == it.color)
@@ -153,12 +162,13 @@ def probe_colors(model, tokenizer, items: list[ColorItem], templates: str = "val
             if len(examples) < 5:
                 examples.append({"prompt": prompt, "query": query, "gold": it.color, "pred": guess})
     n = len(items)
+    extra = {"predictions": records} if details else {}
     per_template = [{"template": tmpl[t], "accuracy": round(100.0 * int(correct[t]) / n, 2)} for t in range(len(tmpl))]
     return {
         "accuracy": round(100.0 * int(correct.sum()) / (n * len(tmpl)), 2),
         "per_template": per_template, "n_objects": n, "n_templates": len(tmpl), "predictions": n * len(tmpl),
         "candidates": colors, "templates": templates, "trailing_period": trailing_period,
-        "experts": list(active), "confusion": confusion, "examples": examples,
+        "experts": list(active), "confusion": confusion, "examples": examples, **extra,
     }
 
 

@@ -11,6 +11,7 @@ uninterrupted run.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import XmodalError
+from ..errors import InputError, XmodalError
 from .config import XAdapterConfig, parse_experts
 from .context import DEFAULT_BACKBONE, ContextBuilder, load_bank
 from .masking import mask_tokens, visible_texts
@@ -43,7 +44,7 @@ SUMMARY_NAME = "summary.json"
 ADAPTER_SUBDIR = "xadapter"
 # arguments that must not change between a run and its resumption
 _RESUME_KEYS = ("plm", "backbone", "steps", "batch_size", "lr", "mask_ratio", "max_length", "seed", "experts",
-                "corpus", "warmup_ratio", "weight_decay")
+                "corpus", "warmup_ratio", "weight_decay", "visual", "focus_words")
 
 
 def read_corpus(files: list[str | Path], limit: int | None = None) -> list[str]:
@@ -124,11 +125,44 @@ class TrainArgs:
     max_texts: int | None = None
     grad_clip: float = 1.0
     progress: bool = True
+    visual: str = "real"
+    focus_words: str | None = None
 
     def fingerprint(self) -> dict:
         d = {k: getattr(self, k) for k in _RESUME_KEYS}
         d["corpus"] = [str(Path(c).resolve()) for c in self.corpus]
+        d["corpus_sha256"] = corpus_digest(self.corpus)
         return d
+
+
+def corpus_digest(files: list[str | Path]) -> str:
+    """SHA-256 over the corpus files' bytes (in order): a resume refuses a corpus whose content changed."""
+    h = hashlib.sha256()
+    for f in files:
+        path = Path(f)
+        if path.is_file():
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a training checkpoint without unpickling code: ``torch.load(weights_only=True)`` accepts only
+    tensors and plain containers, so a crafted file cannot run anything."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError (truncated)
+        raise InputError(f"{path} is not a readable X-adapter training checkpoint ({type(exc).__name__}); "
+                         "it was refused without running any code in it",
+                         hint=f"delete {path} to start the run afresh, or pass another --out") from None
+    keys = {"step", "args", "adapter", "head", "optimizer", "scheduler", "rng"}
+    if not isinstance(ckpt, dict) or not keys <= set(ckpt):
+        raise InputError(f"{path} is not an X-adapter training checkpoint (missing "
+                         f"{sorted(keys - set(ckpt) if isinstance(ckpt, dict) else keys)})",
+                         hint=f"delete {path} to start the run afresh, or pass another --out")
+    return ckpt
 
 
 def _rng_state() -> dict:
@@ -173,12 +207,14 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
         if not args.resume:
             raise XmodalError(f"{out} already holds a training checkpoint; pass --resume to continue it "
                               "or choose another --out")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(ckpt_path)
         saved = checkpoint["args"]
         diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in args.fingerprint().items()
                  if saved.get(k) != v]
         if diffs:
-            raise XmodalError("cannot resume: the run's settings changed (" + "; ".join(diffs) + ")")
+            raise XmodalError("cannot resume: the run's settings changed (" + "; ".join(diffs) + ")",
+                              hint=f"rerun with the original settings and corpus, or start a fresh run with another "
+                                   f"--out than {out}")
     elif args.resume:
         log(f"no checkpoint in {out}; starting a fresh run")
 
@@ -232,7 +268,15 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * args.steps), args.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     base = unwrap(model)
-    builder = ContextBuilder(get_xadapter(base).config, backbone, bank, device=device)
+    builder = ContextBuilder(get_xadapter(base).config, backbone, bank, device=device, visual=args.visual)
+    focus_ids = None
+    if args.focus_words:
+        words = [w.strip() for w in args.focus_words.split(",") if w.strip()]
+        ids_ = [tokenizer.encode(" " + w, add_special_tokens=False) for w in words]
+        bad = [w for w, i in zip(words, ids_) if len(i) != 1]
+        if bad:
+            raise XmodalError(f"--focus-words must be single tokens of the PLM vocabulary; not so for {bad}")
+        focus_ids = torch.tensor([i[0] for i in ids_])
 
     start_step = 0
     if checkpoint is not None:
@@ -289,7 +333,11 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
             enc = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=args.max_length,
                             return_tensors="pt")
             gen = torch.Generator().manual_seed(args.seed * 7_368_787 + step * 104_729 + accelerator.process_index)
-            ids, labels, _ = mask_tokens(enc["input_ids"], enc["attention_mask"], tokenizer, args.mask_ratio, gen)
+            if focus_ids is None:
+                ids, labels, _ = mask_tokens(enc["input_ids"], enc["attention_mask"], tokenizer, args.mask_ratio, gen)
+            else:
+                ids, labels, _ = mask_tokens(enc["input_ids"], enc["attention_mask"], tokenizer, args.mask_ratio, gen,
+                                             focus_ids=focus_ids)
             queries = visible_texts(ids, enc["attention_mask"], tokenizer)
             ctx = builder.build(queries, experts)
             batch = {k: v.to(device) for k, v in enc.items()}
@@ -322,7 +370,7 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
         "out": str(out), "plm": args.plm, "plm_path": str(plm_path), "backbone": backbone_spec,
         "stand_in_backbone": bool(getattr(backbone, "is_stand_in", False)), "bank": args.bank,
         "experts": list(experts), "layers": get_xadapter(base).config.layers, "feature_source": cfg.feature_source,
-        "k": cfg.k, "steps_done": step, "steps": args.steps, "finished": finished, "resumed_from": start_step,
+        "k": cfg.k, "visual": args.visual, "focus_words": args.focus_words, "steps_done": step, "steps": args.steps, "finished": finished, "resumed_from": start_step,
         "params": counts, "new_mlm_head": bool(new_head), "new_head_note": head_note,
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "seconds": round(time.time() - t0, 2), "log": str(log_path), "checkpoint": str(ckpt_path),
