@@ -145,3 +145,12 @@ def test_internal_errors_exit_1_and_ask_for_a_report(monkeypatch):
 def test_success_still_exits_zero_and_prints_one_document():
     result = runner.invoke(app, ["backbones", "--json"])
     assert result.exit_code == 0 and "tiny:clip" in json.loads(result.stdout)
+
+
+def test_cache_dir_env_is_honoured_by_the_cli(monkeypatch, tmp_path):
+    cache = tmp_path / "env-cache"
+    monkeypatch.setenv("XMODAL_CACHE", str(cache))
+    result = runner.invoke(app, ["features", "--backbone", "tiny:clip", "--data", "digits", "--split", "test",
+                                 "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.stdout
+    assert json.loads(result.stdout)["cache_dir"] == str(cache) and any(cache.rglob("*"))

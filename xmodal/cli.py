@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from .cli_errors import XmodalGroup
-from .cli_util import DEFAULT_BACKBONE, emit_json, resolve_device
+from .cli_util import DEFAULT_BACKBONE, cache_dir_option, emit_json, resolve_device
 
 app = typer.Typer(cls=XmodalGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cross-modal adapters: few-shot CLIP adaptation and visual knowledge for language models.")
@@ -62,7 +62,7 @@ def features(
     split: str = typer.Option("test", help="Split to embed."),
     augment_views: int = typer.Option(0, help="Also embed this many random augmented views per image."),
     augment_seed: int = typer.Option(0, help="Seed of the augmented views."),
-    cache_dir: str = typer.Option(".xmodal-cache", help="Feature cache folder."),
+    cache_dir: str = cache_dir_option(),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 ... or auto."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (half precision only on GPU)."),
@@ -99,7 +99,7 @@ def zeroshot(
     data: str = typer.Option(..., help="Dataset spec (see `xmodal datasets`)."),
     split: str = typer.Option("test", help="Split to evaluate."),
     templates: Optional[str] = typer.Option(None, help="Prompt templates separated by '|' (default: the dataset's)."),
-    cache_dir: str = typer.Option(".xmodal-cache", help="Feature cache folder."),
+    cache_dir: str = cache_dir_option(),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     device: str = typer.Option("auto", help="cpu, cuda ... or auto."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (GPU)."),

@@ -8,6 +8,16 @@ from typing import Any
 from .errors import ResourceError, UsageError
 
 DEFAULT_BACKBONE = "bridge:lite0-minilm"
+DEFAULT_CACHE_DIR = ".xmodal-cache"
+CACHE_ENV = "XMODAL_CACHE"  # the same variable the API (xmodal.features) reads
+
+
+def cache_dir_option():
+    """``--cache-dir``, defaulting to ``$XMODAL_CACHE`` when set, as in the Python API."""
+    import typer
+
+    return typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", envvar=CACHE_ENV,
+                        help=f"Feature cache folder (env {CACHE_ENV}).")
 
 
 def resolve_device(device: str) -> str:

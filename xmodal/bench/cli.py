@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from ..cli_util import DEFAULT_BACKBONE, emit_json, resolve_device
+from ..cli_util import DEFAULT_BACKBONE, cache_dir_option, emit_json, resolve_device
 
 def _methods_or_exit(methods: str) -> list[str]:
     from .run import UnknownMethodError, resolve_methods
@@ -54,7 +54,7 @@ def fewshot_command(
     shots: int = typer.Option(16, "--shots", min=1, help="K support images per class"),
     seed: int = typer.Option(1, "--seed", help="sampling seed of the episode"),
     methods: str = typer.Option("all", "--methods", help="'all' or comma-separated method names"),
-    cache_dir: str = typer.Option(".xmodal-cache", "--cache-dir", help="feature cache folder"),
+    cache_dir: str = cache_dir_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     augment_views: int = typer.Option(10, "--augment-views", min=0, help="augmented views per support image"),
     augment_scope: str = typer.Option("support", "--augment-scope",
@@ -112,7 +112,7 @@ def bench_command(
     shots: str = typer.Option("1,2,4,8,16", "--shots", help="comma-separated shots per class"),
     seeds: str = typer.Option("1,2,3", "--seeds", help="comma-separated seeds (>= 3 for a reported average)"),
     methods: str = typer.Option("all", "--methods", help="'all' or comma-separated method names"),
-    cache_dir: str = typer.Option(".xmodal-cache", "--cache-dir", help="feature cache folder"),
+    cache_dir: str = cache_dir_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     augment_views: int = typer.Option(10, "--augment-views", min=0, help="augmented views per training image"),
     augment_scope: str = typer.Option("split", "--augment-scope",
