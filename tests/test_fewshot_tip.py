@@ -96,7 +96,13 @@ def test_tip_adapter_f_trains_and_selects_on_val():
     support, val, test, w = make_task(num_classes=4, dim=24, shots=8, spread=2.0, text_noise=2.0, seed=2)
     m = create_method("tip-adapter-f", epochs=6, seed=0).fit(support, val, w)
     sel = m.selected_
-    assert 1 <= sel["epoch"] <= 6 and len(sel["val_acc_per_epoch"]) == 6
-    assert sel["val_acc_per_epoch"][sel["epoch"] - 1] == max(sel["val_acc_per_epoch"])
-    assert not torch.equal(m.model_.keys.detach(), cache_keys(support))   # keys moved
+    # epoch 0 (the training-free keys) is a candidate; the chosen epoch has the lowest val log-loss
+    assert 0 <= sel["epoch"] <= 6 and len(sel["val_acc_per_epoch"]) == 7 and len(sel["val_loss_per_epoch"]) == 7
+    if sel["kept"] == "trained":
+        assert sel["val_loss_per_epoch"][sel["epoch"]] == min(sel["val_loss_per_epoch"])
+        assert not torch.equal(m.model_.keys.detach(), cache_keys(support))   # keys moved
+    assert sel["val_acc"] >= sel["val_acc_training_free"]
+    tip = create_method("tip-adapter", seed=0).fit(support, val, w)
+    # training starts from Tip-Adapter's searched (α, β), not from fixed constants
+    assert (sel["init_alpha"], sel["init_beta"]) == (tip.selected_["alpha"], tip.selected_["beta"])
     assert torch.equal(m.model_.values, F.one_hot(support.labels, 4).float())

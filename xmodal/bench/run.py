@@ -141,12 +141,13 @@ class FeatureBank:
         """Deterministic features of ``samples`` (in that order) from ``split``.
 
         Validation drawn from the train split (datasets without a val split) would otherwise extract the
-        whole train split (60,000 images for Fashion-MNIST). With ``augment_scope`` 'union' or 'support'
-        the rows come from the views extraction, which also holds the deterministic features, and only
-        the rest is extracted (cached on disk per sample set). The features are the same either way.
+        whole train split (60,000 images for Fashion-MNIST). With ``augment_scope`` 'union' the rows come
+        from the views extraction where it holds them (it also stores the deterministic features), and
+        only the rest is extracted; with 'support' exactly these samples are extracted (cached on disk per
+        sample set). The features are the same either way.
         """
         ids = [s.id for s in samples]
-        if split != "train" or split in self._plain or self.augment_views == 0 or self.augment_scope == "split":
+        if split != "train" or split in self._plain or self.augment_scope == "split":
             return self.plain(split).subset(ids)
         have = self._views if self.augment_scope == "union" and self._views is not None else None
         known = set(have.ids) if have is not None else set()
@@ -210,6 +211,8 @@ class FeatureBank:
         support_ids = [s.id for s in split.support]
         if self.augment_views > 0:
             support = self._train_views(split.support).subset(support_ids)
+        elif self.augment_scope == "support":  # no views: only this episode's images (big train splits)
+            support = self._plain_rows("train", split.support)
         else:
             support = self.plain("train").subset(support_ids)
         val_split = self._split_holding(split.val, ("val", "train")) if split.val else "train"

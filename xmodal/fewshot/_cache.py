@@ -133,10 +133,40 @@ class CacheModel(nn.Module):
 
 
 WeightFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+EvalFn = Callable[[], tuple[float, float]]
+
+
+def resolve_epochs(epochs: int | str, n_train: int, batch_size: int, min_steps: int, max_epochs: int) -> int:
+    """``epochs="auto"``: at least 20 epochs and at least ``min_steps`` optimiser steps (capped at ``max_epochs``).
+
+    A 1-shot, 10-class support set is one batch, so 20 epochs are 20 steps; a 16-shot, 202-class set is
+    13 batches, so 20 epochs are 260 steps. "auto" gives small support sets enough steps without
+    lengthening large ones. An int is used as given.
+    """
+    if isinstance(epochs, str):
+        if epochs != "auto":
+            raise ValueError(f"epochs must be an int or 'auto', got {epochs!r}")
+        per_epoch = max(1, math.ceil(n_train / batch_size))
+        return int(min(max_epochs, max(20, math.ceil(min_steps / per_epoch))))
+    if int(epochs) < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    return int(epochs)
+
+
+def val_loss_acc(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of validation logits: the selection criterion of every trained cache method."""
+    return float(F.cross_entropy(logits, labels)), float((logits.argmax(-1) == labels).float().mean())
+
+
+def better(cand: tuple[float, float], best: tuple[float, float] | None) -> bool:
+    """Selection rule: lower validation log-loss wins; on an exact tie, higher accuracy; else keep the earlier one."""
+    if best is None:
+        return True
+    return cand[0] < best[0] or (cand[0] == best[0] and cand[1] > best[1])
 
 
 def train_cache_model(
-    model: CacheModel,
+    model: nn.Module,
     support: FeatureSet,
     val_features: torch.Tensor,
     val_labels: torch.Tensor,
@@ -152,45 +182,64 @@ def train_cache_model(
     seed: int,
     device: str,
     weight_fn: WeightFn | None = None,
-) -> tuple[int, list[float]]:
-    """Tip-Adapter-F's loop: AdamW + cosine schedule, CE on the fused logits at the initial α, β.
+    weight_decay: float = 0.01,
+    eval_fn: EvalFn | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[int, list[float], list[float]]:
+    """Tip-Adapter-F's loop: AdamW + cosine schedule, CE on the fused logits at the given (α, β).
 
-    Epoch e trains on augmented view e mod V of every support image (plain features without views), in
-    shuffled batches. After each epoch the model is scored on val (initial α, β); the best epoch's
-    parameters (first best on ties) are restored. Returns (best epoch, 1-based; val accuracy per epoch).
-    ``weight_fn(p_img, p_txt, labels)`` gives per-sample loss weights (XMAdapter's hard-sample mining).
+    (α, β) are the training-free values searched on validation, not fixed constants. Epoch e trains on
+    augmented view e mod V of every support image (plain features without views), in shuffled batches.
+    The model is scored on val before training (epoch 0: the training-free state) and after every epoch;
+    the state with the lowest validation log-loss (ties: higher accuracy, then the earlier epoch) is
+    restored, so training can only be kept when it helps on validation. ``eval_fn()`` -> (loss, acc)
+    replaces the default scoring (XMAdapter scores its best γ). ``weight_fn(p_img, p_txt, labels)`` gives
+    per-sample loss weights (XMAdapter's hard-sample mining). Returns (best epoch, 0 = untrained;
+    val accuracy per epoch incl. epoch 0; val loss per epoch incl. epoch 0).
     """
     gen = cpu_generator(seed)
-    opt = torch.optim.AdamW(param_groups, lr=lr, eps=eps)
     n = len(support)
-    steps = epochs * math.ceil(n / batch_size)
-    sched = cosine_lr(opt, steps)
     labels = support.labels.to(device)
-    best_acc, best_epoch, best_state, curve = -1.0, 0, None, []
+
+    def evaluate() -> tuple[float, float]:
+        model.eval()
+        with torch.no_grad():
+            if eval_fn is not None:
+                return eval_fn()
+            logits, _, _ = model(val_features, alpha, beta, beta_t)
+            return val_loss_acc(logits, val_labels)
+
+    best = evaluate()
+    best_epoch, best_state = 0, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    acc_curve, loss_curve = [best[1]], [best[0]]
+    if epochs > 0:
+        opt = torch.optim.AdamW(param_groups, lr=lr, eps=eps, weight_decay=weight_decay)
+        sched = cosine_lr(opt, epochs * math.ceil(n / batch_size))
     for epoch in range(epochs):
         model.train()
         x_all = epoch_features(support, epoch).to(device)
         for idx in batches(n, batch_size, gen):
             idx = idx.to(device)
             x, y = x_all[idx], labels[idx]
-            logits, p_img, p_txt = model(x, alpha, beta, beta_t, need_text=weight_fn is not None)
-            if weight_fn is not None and p_txt is not None:
-                w = weight_fn(p_img.detach(), p_txt.detach(), y)
-                loss = (w * F.cross_entropy(logits, y, reduction="none")).sum() / w.sum()
+            if loss_fn is not None:
+                loss = loss_fn(x, y)
             else:
-                loss = F.cross_entropy(logits, y)
+                logits, p_img, p_txt = model(x, alpha, beta, beta_t, need_text=weight_fn is not None)
+                if weight_fn is not None and p_txt is not None:
+                    w = weight_fn(p_img.detach(), p_txt.detach(), y)
+                    loss = (w * F.cross_entropy(logits, y, reduction="none")).sum() / w.sum()
+                else:
+                    loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-        model.eval()
-        with torch.no_grad():
-            logits, _, _ = model(val_features, alpha, beta, beta_t)
-            acc = float((logits.argmax(-1) == val_labels).float().mean())
-        curve.append(acc)
-        if acc > best_acc:
-            best_acc, best_epoch = acc, epoch + 1
+        cur = evaluate()
+        acc_curve.append(cur[1])
+        loss_curve.append(cur[0])
+        if better(cur, best):
+            best, best_epoch = cur, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return best_epoch, curve
+    model.load_state_dict(best_state)
+    model.eval()
+    return best_epoch, acc_curve, loss_curve

@@ -18,8 +18,8 @@ import torch
 
 from ..errors import ShapeError
 from ..featureset import FeatureSet
-from ._cache import CacheModel, Gamma, TextBranch, train_cache_model
-from ._common import (CLIP_LOGIT_SCALE, cache_grid_search, cache_keys, check_features, check_fit_inputs, key_source,
+from ._cache import CacheModel, Gamma, TextBranch, better, train_cache_model, val_loss_acc
+from ._common import (cache_grid_search, cache_keys, check_features, check_fit_inputs, key_source,
                       require_fitted, seeded)
 from .base import FewShotMethod, register
 from .tip_adapter import _TipSearchMixin
@@ -68,9 +68,9 @@ class _XMBase(_TipSearchMixin, FewShotMethod):
                  class_text_features: torch.Tensor | None = None, text_source: str | None = None,
                  beta_text: float | None = None,
                  lam: float = 1.0, weighting: str = "continuous", q: float = 0.7, disagreement: str = "l1",
-                 train_keys: bool = True, epochs: int = 20, lr: float = 1e-3, eps: float = 1e-4,
+                 train_keys: bool = True, epochs: int | str = "auto", min_steps: int = 200, max_epochs: int = 200,
+                 lr: float = 1e-3, eps: float = 1e-4, weight_decay: float = 0.01,
                  batch_size: int = 256, net_lr: float = 1e-2, gamma_lr: float = 0.05,
-                 init_alpha: float = 1.0, init_beta: float = 1.0,
                  beta_scale: float = 10.0, alpha_scale: float = 10.0, n_beta: int = 50, n_alpha: int = 20) -> None:
         super().__init__(seed=seed, device=device, logit_scale=logit_scale)
         if gamma_mode not in GAMMA_MODES:
@@ -89,10 +89,10 @@ class _XMBase(_TipSearchMixin, FewShotMethod):
         self.beta_text = beta_text
         self.lam, self.weighting, self.q, self.disagreement = float(lam), weighting, float(q), disagreement
         self.train_keys = train_keys
-        self.epochs, self.lr, self.eps, self.batch_size = epochs, lr, eps, batch_size
+        self.epochs, self.min_steps, self.max_epochs = epochs, min_steps, max_epochs
+        self.lr, self.eps, self.weight_decay, self.batch_size = lr, eps, weight_decay, batch_size
         self.net_lr = net_lr
         self.gamma_lr = gamma_lr
-        self.init_alpha, self.init_beta = init_alpha, init_beta
         self.beta_scale, self.alpha_scale = beta_scale, alpha_scale
         self.n_beta, self.n_alpha = n_beta, n_alpha
 
@@ -183,26 +183,70 @@ class _XMBase(_TipSearchMixin, FewShotMethod):
 
 @register("xmadapter")
 class XMAdapter(_XMBase):
-    """Trained XMAdapter: cache keys (Tip-Adapter-F init), MetaNet and Img2TxtNet trained with hard-sample
-    weighted CE (Tip-Adapter-F's loop); epoch chosen on val, then γ, α, β (β_t tied) grid-searched on val.
+    """Trained XMAdapter, in two stages that each start from the previous solution.
 
-    Default ``gamma_mode="search"`` (papers.md B.3.4 option (c)): on the development protocol of
-    ``benchmarks/xmadapter_variants_dev.py`` (train images outside support/val, no test data) it beat the
-    learned scalar γ (B.3.4 option (a), still available as ``gamma_mode="learned"``); see docs/fewshot.md.
+    1. Tip-Adapter-F (``tip-adapter-f`` with the same schedule): training-free (α₀, β₀) searched on
+       validation, keys fine-tuned, guarded so it never falls below Tip-Adapter on validation.
+    2. From Tip-Adapter-F's keys and (α, β): keys (``lr``), MetaNet and Img2TxtNet (``net_lr``) and γ
+       (learned modes) trained with hard-sample weighted CE. Epoch 0 (untrained text branch) is a candidate;
+       epochs are selected on validation log-loss (ties: accuracy), scored at the best γ of the grid in
+       "search" mode; then γ, α, β (β_t tied) are grid-searched on validation.
+    3. Fallback (``fallback``; default on in "search" mode): unless stage 2 beats stage 1 on validation (higher accuracy, or equal accuracy and lower
+       log-loss), the model *is* the stage-1 Tip-Adapter-F (γ = 1, its keys, α, β).
+
+    Default ``gamma_mode="search"`` (papers.md B.3.4 option (c)); see docs/fewshot.md for the development
+    protocol that chose it. With ``gamma_mode="fixed", gamma=1`` stage 2 is skipped: Tip-Adapter-F exactly.
     """
 
     training_free = False
 
     def __init__(self, seed: int = 0, device: str = "cpu", logit_scale: float = 100.0, *,
-                 gamma_mode: str = "search", **params) -> None:
+                 gamma_mode: str = "search", fallback: bool | None = None, **params) -> None:
         super().__init__(seed=seed, device=device, logit_scale=logit_scale, gamma_mode=gamma_mode, **params)
+        self.fallback = fallback
+
+    def _uses_fallback(self) -> bool:
+        """Default: fall back to Tip-Adapter-F in "search" mode only; the other γ modes are ablation readings."""
+        return self.gamma_mode == "search" if self.fallback is None else bool(self.fallback)
+
+    def _stage1(self, support: FeatureSet, val: FeatureSet, text_classifier: torch.Tensor):
+        from .tip_adapter_f import TipAdapterF
+
+        taf = TipAdapterF(seed=self.seed, device=self.device, logit_scale=self.logit_scale, epochs=self.epochs,
+                          min_steps=self.min_steps, max_epochs=self.max_epochs, lr=self.lr, eps=self.eps,
+                          batch_size=self.batch_size, weight_decay=self.weight_decay, beta_scale=self.beta_scale,
+                          alpha_scale=self.alpha_scale, n_beta=self.n_beta, n_alpha=self.n_alpha)
+        return taf.fit(support, val, text_classifier)
+
+    def _val_loss_acc(self, fv: torch.Tensor, yv: torch.Tensor) -> tuple[float, float]:
+        with torch.no_grad():
+            logits, _, _ = self.model_(fv, self.alpha_, self.beta_, self.beta_t_)
+        return val_loss_acc(logits, yv)
 
     def fit(self, support: FeatureSet, val: FeatureSet, text_classifier: torch.Tensor) -> "XMAdapter":
         check_fit_inputs(support, val, text_classifier)
         dev = self.device
+        taf = self._stage1(support, val, text_classifier)
+        ts = taf.selected_
         self.model_, source = self._build(support, text_classifier, train=True)
         m = self.model_
+        with torch.no_grad():
+            m.keys.copy_(taf.model_.keys.detach())
         fv, yv = val.features.float().to(dev), val.labels.to(dev)
+        alpha1, beta1 = float(ts["alpha"]), float(ts["beta"])
+        common = {"text_source": source, "net_arch": self.net_arch, "text_dim": int(m.text.class_keys().shape[1]),
+                  "tie_init": bool(self.tie_init), "train_keys": bool(self.train_keys), "lam": self.lam,
+                  "weighting": self.weighting, "q": self.q, "disagreement": self.disagreement,
+                  "epochs": int(ts["epochs"]), "lr": float(self.lr), "net_lr": float(self.net_lr),
+                  "gamma_lr": float(self.gamma_lr), "batch_size": int(self.batch_size),
+                  "selection": "val log-loss, then accuracy", "cache_keys": key_source(support),
+                  "stage1": {k: ts[k] for k in ("alpha", "beta", "epoch", "kept", "val_acc", "val_loss",
+                                                "val_acc_training_free")}}
+        if self._text_off():
+            self._fallback(taf)
+            self.selected_ = {**self._fallback_info(taf), **common, "stage2_epoch": None,
+                              "kept": "tip-adapter-f"}
+            return self
         groups = []
         if self.train_keys:
             groups.append({"params": [m.keys], "lr": self.lr})
@@ -211,25 +255,61 @@ class XMAdapter(_XMBase):
         if gamma_params:
             lr_g = self.gamma_lr if self.gamma_mode == "learned" else self.net_lr  # per-sample γ: a network
             groups.append({"params": gamma_params, "lr": lr_g})
-        init_alpha = self.init_alpha * self.logit_scale / CLIP_LOGIT_SCALE
         beta_t = None if self.beta_text is None else float(self.beta_text)
+        eval_fn = self._grid_eval(fv, yv, alpha1, beta1, beta_t) if self.gamma_mode == "search" else None
         with seeded(self.seed):
-            best_epoch, curve = train_cache_model(
-                m, support, fv, yv, groups, epochs=self.epochs, lr=self.lr, eps=self.eps,
-                batch_size=self.batch_size, alpha=init_alpha, beta=self.init_beta, beta_t=beta_t,
-                seed=self.seed, device=dev, weight_fn=self._weight_fn())
+            best_epoch, curve, losses = train_cache_model(
+                m, support, fv, yv, groups, epochs=int(ts["epochs"]), lr=self.lr, eps=self.eps,
+                batch_size=self.batch_size, alpha=alpha1, beta=beta1, beta_t=beta_t, seed=self.seed, device=dev,
+                weight_fn=self._weight_fn(), weight_decay=self.weight_decay, eval_fn=eval_fn)
         m.eval()
         chosen = self._search(fv, yv)
-        self.selected_ = {
-            **chosen, "epoch": int(best_epoch), "val_acc_per_epoch": [float(a) for a in curve],
-            "lam": self.lam, "weighting": self.weighting, "q": self.q, "disagreement": self.disagreement,
-            "text_source": source, "net_arch": self.net_arch, "text_dim": int(m.text.class_keys().shape[1]),
-            "tie_init": bool(self.tie_init), "train_keys": bool(self.train_keys),
-            "epochs": int(self.epochs), "lr": float(self.lr), "net_lr": float(self.net_lr),
-            "gamma_lr": float(self.gamma_lr), "batch_size": int(self.batch_size),
-            "init_alpha": float(init_alpha), "init_beta": float(self.init_beta), "cache_keys": key_source(support),
-        }
+        loss2, _ = self._val_loss_acc(fv, yv)
+        acc2 = chosen["val_acc"]
+        stage2 = {"stage2_epoch": int(best_epoch), "stage2_val_acc": float(acc2), "stage2_val_loss": float(loss2),
+                  "val_acc_per_epoch": [float(a) for a in curve], "val_loss_per_epoch": [float(v) for v in losses]}
+        wins = acc2 > ts["val_acc"] or (acc2 == ts["val_acc"] and loss2 < ts["val_loss"])
+        if wins or not self._uses_fallback():
+            self.selected_ = {**chosen, **common, **stage2, "val_loss": float(loss2), "kept": "xmadapter"}
+        else:
+            self._fallback(taf)
+            self.selected_ = {**self._fallback_info(taf), **common, **stage2, "kept": "tip-adapter-f"}
         return self
+
+    def _grid_eval(self, fv, yv, alpha: float, beta: float, beta_t: float | None):
+        """Validation (log-loss, accuracy) at the best γ of the grid, for epoch selection in "search" mode."""
+        m = self.model_
+        gammas = [float(g) for g in self.gamma_grid]
+
+        def evaluate() -> tuple[float, float]:
+            zs = m.zero_shot(fv)
+            p_img = m.img_affinity(fv, beta)
+            p_txt = m.txt_affinity(fv, beta if beta_t is None else beta_t)
+            best = None
+            for g in gammas:
+                p = p_img if g == 1.0 else g * p_img + (1 - g) * p_txt
+                cand = val_loss_acc(zs + alpha * p, yv)
+                if better(cand, best):
+                    best = cand
+            return best
+
+        return evaluate
+
+    def _fallback(self, taf) -> None:
+        """Become the stage-1 Tip-Adapter-F exactly: its keys, γ = 1 (text branch not evaluated), its α, β."""
+        m = self.model_
+        with torch.no_grad():
+            m.keys.copy_(taf.model_.keys.detach())
+        m.gamma = Gamma("fixed", 1.0, m.keys.shape[1]).to(self.device)
+        self.alpha_, self.beta_ = taf.alpha_, taf.beta_
+        self.beta_t_ = self.beta_ if self.beta_text is None else float(self.beta_text)
+
+    def _fallback_info(self, taf) -> dict:
+        ts = taf.selected_
+        return {"alpha": float(ts["alpha"]), "beta": float(ts["beta"]), "beta_text": float(self.beta_t_),
+                "beta_text_tied": self.beta_text is None, "gamma": 1.0, "gamma_mode": self.gamma_mode,
+                "val_acc": float(ts["val_acc"]), "val_loss": float(ts["val_loss"]), "epoch": int(ts["epoch"]),
+                **self._grid_info()}
 
 
 @register("xmadapter-tf")
