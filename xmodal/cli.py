@@ -130,10 +130,12 @@ def zeroshot(
 
 def _register_subcommands() -> None:
     from .bench.cli import register as register_bench
+    from .classifier_cli import register as register_classifier
     from .xadapter.cli import register as register_xadapter
     from .serve.cli import register as register_serve
 
     register_bench(app)
+    register_classifier(app)
     register_xadapter(app)
     register_serve(app)
 

@@ -1,0 +1,207 @@
+"""``xmodal fit`` and ``xmodal predict``: a saved few-shot classifier from the shell.
+
+``fit`` fits one method on a dataset and saves the classifier folder; ``predict`` streams one row per image
+(table, JSONL or CSV) as batches finish. Errors are raised, never printed here: the ``xmodal`` group reports
+them (one line, or one JSON document with ``--json``). An unreadable image is a row, not the end of the run.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .cli_util import DEFAULT_BACKBONE, emit_json
+from .errors import UsageError
+
+FORMATS = ("table", "jsonl", "csv")
+
+
+def _method_params(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON (numbers, true/false, lists) or kept as strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param expects key=value, got {pair!r}", hint="e.g. --param epochs=10")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def fit_command(
+    data: str = typer.Option(..., "--data", help="dataset spec (imagefolder:PATH, cifar10:PATH ...) or an ImageFolder "
+                                                 "folder PATH/train/<class>/*.jpg"),
+    method: str = typer.Option("xmadapter", "--method", help="few-shot method (see `xmodal fewshot --help`)"),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="backbone spec (see `xmodal backbones`)"),
+    shots: Optional[int] = typer.Option(None, "--shots", min=1, help="K images per class (default: every train image)"),
+    seed: int = typer.Option(0, "--seed", help="which images are support/validation, and the method's seed"),
+    out: Path = typer.Option(..., "--out", help="folder to save the classifier to (written atomically)"),
+    param: list[str] = typer.Option([], "--param", help="method parameter key=value (repeatable), e.g. epochs=10"),
+    augment_views: int = typer.Option(10, "--augment-views", min=0, help="augmented views per support image"),
+    cache_dir: str = typer.Option(".xmodal-cache", "--cache-dir", help="feature cache folder"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per forward pass"),
+    num_workers: int = typer.Option(0, "--num-workers", min=0, help="data-loader worker processes"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON document"),
+) -> None:
+    """Fit a few-shot classifier (hyper-parameters chosen on validation only) and save it to --out."""
+    from .classifier import FewShotClassifier
+
+    clf = FewShotClassifier(backbone=backbone, method=method, shots=shots, seed=seed, cache_dir=cache_dir,
+                            device=device, augment_views=augment_views, batch_size=batch_size,
+                            num_workers=num_workers, progress=not as_json and sys.stderr.isatty(),
+                            **_method_params(param))
+    clf.fit(data)
+    saved = clf.save(out)
+    card = clf.card()
+    ds = clf.info_["dataset"]
+    result = {"out": str(saved), "method": card["method"], "backbone": card["backbone"],
+              "backbone_name": card["backbone_name"], "stand_in": card["stand_in"],
+              "fingerprint": card["backbone_fingerprint"], "classes": card["classes"],
+              "val_accuracy": clf.val_accuracy_, "val_rule": ds["val_rule"], "n_support": ds["n_support"],
+              "n_val": ds["n_val"], "shots": shots, "seed": seed, "selected": clf.selected_,
+              "fit_seconds": clf.info_["fit_seconds"]}
+    if as_json:
+        emit_json(result)
+        return
+    hp = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in clf.selected_.items()
+                   if not isinstance(v, (list, dict))) or "–"
+    typer.echo(f"fitted {card['method']} on {data} with {card['backbone_name']}: {len(card['classes'])} classes, "
+               f"{ds['n_support']} support / {ds['n_val']} validation images")
+    typer.echo(f"validation top-1 {100 * clf.val_accuracy_:.2f}% (the images the hyper-parameters were chosen on)")
+    typer.echo(f"chosen on validation: {hp}")
+    typer.echo(f"saved to {saved}")
+
+
+class _Writer:
+    """One output row per image, flushed as it is written (table, JSONL or CSV)."""
+
+    def __init__(self, fmt: str, width: int, k: int) -> None:
+        self.fmt, self.width, self.k = fmt, width, k
+        self.csv = csv.writer(sys.stdout) if fmt == "csv" else None
+
+    def header(self) -> None:
+        if self.fmt == "table":
+            typer.echo(f"{'path':{self.width}s}  {'label':20s} {'score':>7s}  top-{self.k}")
+        elif self.csv is not None:
+            self.csv.writerow(["path", "label", "score", "top_k", "error"])
+        sys.stdout.flush()
+
+    def row(self, row: dict[str, Any]) -> None:
+        if self.fmt == "jsonl":
+            sys.stdout.write(json.dumps(row) + "\n")
+        elif self.csv is not None:
+            top = ";".join(f"{t['label']}:{t['score']:.6f}" for t in row.get("top_k", []))
+            self.csv.writerow([row["path"], row.get("label", ""),
+                               "" if "score" not in row else f"{row['score']:.6f}", top, row.get("error", "")])
+        elif "error" in row:
+            typer.echo(f"{row['path']:{self.width}s}  ERROR {row['error']}")
+        else:
+            top = "  ".join(f"{t['label']} {t['score']:.3f}" for t in row["top_k"])
+            typer.echo(f"{row['path']:{self.width}s}  {row['label']:20s} {row['score']:7.4f}  {top}")
+        sys.stdout.flush()
+
+
+def predict_command(
+    model: Path = typer.Argument(..., help="classifier folder written by `xmodal fit --out`"),
+    paths: list[str] = typer.Argument(..., help="image files, folders (walked recursively) or quoted globs"),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="classes listed per image"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per forward pass"),
+    fmt: str = typer.Option("table", "--format", help="table, jsonl or csv (one row per image, streamed)"),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="leave unreadable images out instead of "
+                                                                    "writing an error row"),
+    evaluate: bool = typer.Option(False, "--eval", help="score against the parent folder names (ImageFolder "
+                                                        "split) and write a confusion-matrix PNG"),
+    confusion: Path = typer.Option(Path("confusion_matrix.png"), "--confusion", help="where --eval writes the PNG"),
+    cache_dir: str = typer.Option(".xmodal-cache", "--cache-dir", help="cache folder (backbone files)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    force: bool = typer.Option(False, "--force", help="load even if the backbone's fingerprint differs"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON document with every row (not streamed)"),
+) -> None:
+    """Classify images with a saved classifier, one row per image as it goes."""
+    from .classifier import FewShotClassifier
+    from .classifier.inputs import expand_paths
+
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}", hint=f"use one of: {', '.join(FORMATS)}")
+    files = expand_paths(paths)
+    clf = FewShotClassifier.load(model, device=device, cache_dir=cache_dir, force=force)
+    card = clf.card()
+    err = typer.get_text_stream("stderr")
+    err.write(f"{card['method']} on {card['backbone_name']}, {card['num_classes']} classes; {len(files)} image(s)\n")
+    writer = _Writer(fmt, min(max(len(f) for f in files), 60), top_k)
+    if not as_json:
+        writer.header()
+    rows: list[dict[str, Any]] = []
+    truth: list[int] = []
+    preds: list[int] = []
+    unknown = n_errors = n_rows = 0
+    index = {c: i for i, c in enumerate(clf.classes_)}
+    for p in clf.iter_predict(files, batch_size=batch_size, skip_corrupt=skip_corrupt):
+        n_rows += 1
+        if p.error is not None:
+            n_errors += 1
+            row: dict[str, Any] = {"path": p.source, "error": p.error}
+        else:
+            top = clf.top_k_of(p.proba, top_k)
+            row = {"path": p.source, "label": top[0][0], "score": top[0][1],
+                   "top_k": [{"label": lab, "score": s} for lab, s in top]}
+            if evaluate:
+                true = index.get(Path(p.source).parent.name)
+                if true is None:
+                    unknown += 1
+                else:
+                    truth.append(true)
+                    preds.append(int(p.proba.argmax()))
+        if as_json:
+            rows.append(row)
+        else:
+            writer.row(row)
+    summary: dict[str, Any] = {"model": str(model), "method": card["method"], "backbone": card["backbone"],
+                               "stand_in": card["stand_in"], "n_inputs": len(files)}
+    if evaluate:
+        summary["eval"] = _evaluate(truth, preds, clf.classes_, unknown, confusion)
+    if as_json:
+        emit_json({**summary, "n_errors": n_errors, "n_skipped": len(files) - n_rows, "rows": rows})
+        return
+    bad = f"{len(files) - n_rows} unreadable skipped" if skip_corrupt else f"{n_errors} unreadable (error rows)"
+    err.write(f"{n_rows - n_errors} of {len(files)} image(s) classified; {bad}\n")
+    if evaluate:
+        ev = summary["eval"]
+        line = (f"top-1 {ev['top1']:.2f}% ({ev['n_correct']}/{ev['n']} images whose parent folder is a class"
+                f"{f'; {unknown} others not scored' if unknown else ''}) · confusion matrix: {ev['confusion_png']}")
+        if fmt == "table":
+            typer.echo(line)
+        else:
+            err.write(line + "\n")
+
+
+def _evaluate(truth: list[int], preds: list[int], classes: list[str], unknown: int, png: Path) -> dict[str, Any]:
+    import torch
+
+    from .classifier.confusion import write_confusion_png
+
+    if not truth:
+        raise UsageError("--eval found no image inside a folder named after one of the classes "
+                         f"({', '.join(classes[:5])}{'…' if len(classes) > 5 else ''})",
+                         hint="point --eval at an ImageFolder split such as DATA/test (class = parent folder), "
+                              "or leave --eval out")
+    t, p = torch.tensor(truth), torch.tensor(preds)
+    matrix = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    matrix.index_put_((t, p), torch.ones_like(t), accumulate=True)
+    n_correct = int((t == p).sum())
+    write_confusion_png(matrix, classes, png)
+    return {"top1": 100.0 * n_correct / len(truth), "n_correct": n_correct, "n": len(truth), "n_unscored": unknown,
+            "confusion": matrix.tolist(), "confusion_png": str(png)}
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``fit`` and ``predict`` to the main ``xmodal`` app."""
+    app.command("fit")(fit_command)
+    app.command("predict")(predict_command)
