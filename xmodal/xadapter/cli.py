@@ -77,7 +77,7 @@ def train_command(
     json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
 ) -> None:
     """MLM adaptation: train X-adapters on a caption corpus with retrieved images (PLM and CLIP frozen)."""
-    from .train import TrainArgs, train_mlm
+    from .tasks.train import TrainArgs, train_mlm
 
     _quiet_hf()
     args = TrainArgs(plm=plm, backbone=backbone, bank=bank, corpus=_split_files(corpus), out=out, steps=steps,
@@ -128,11 +128,11 @@ def probe_colors_command(
 
 def run_probe(data, plm="minilm", xadapter=None, backbone=None, bank=None, templates="valm", experts=None,
               trailing_period=False, batch_size=64, device="auto", log=print) -> dict:
-    from .context import DEFAULT_BACKBONE, ContextBuilder, load_bank
-    from .glue import _device
-    from .modules import get_xadapter, load_xadapter, read_xadapter_meta
-    from .plm import load_mlm
-    from .probe import probe_colors, read_color_csv
+    from .retrieval.context import DEFAULT_BACKBONE, ContextBuilder, load_bank
+    from .tasks.glue import _device
+    from .model.modules import get_xadapter, load_xadapter, read_xadapter_meta
+    from .model.plm import load_mlm
+    from .tasks.probe import probe_colors, read_color_csv
 
     dev = _device(device)
     items = read_color_csv(data)
@@ -192,7 +192,7 @@ def glue_command(
     json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
 ) -> None:
     """Fine-tune a PLM (+ X-adapter) on a GLUE task and report the dev metric."""
-    from .glue import GlueArgs, run_glue
+    from .tasks.glue import GlueArgs, run_glue
 
     _quiet_hf()
     args = GlueArgs(task=task, data=data, plm=plm, xadapter=xadapter, experts=experts, backbone=backbone, bank=bank,
@@ -214,7 +214,7 @@ def register(app: typer.Typer) -> None:
     global _registered_bank
     if not _registered_bank:
         try:
-            from .bank_cli import register_bank
+            from .retrieval.bank_cli import register_bank
         except ImportError:
             register_bank = None
         if register_bank is not None:

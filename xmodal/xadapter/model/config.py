@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import XmodalError
+from ...errors import XmodalError
 
 EXPERTS = ("v", "t")
 FEATURE_SOURCES = ("pooled", "tokens")

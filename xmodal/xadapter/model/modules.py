@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CacheMismatchError, ShapeError, XmodalError
+from ...errors import CacheMismatchError, ShapeError, XmodalError
 from .config import XAdapterConfig, parse_experts
 
 WEIGHTS_NAME = "xadapter.safetensors"
@@ -246,6 +246,23 @@ def has_xadapter(model: nn.Module) -> bool:
     return isinstance(getattr(unwrap(model), "xadapter", None), XAdapterStack)
 
 
+def plm_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the base encoder's weights (names, shapes, bytes), without the adapter, the pooler and
+    any task or MLM head, so the same PLM gives the same value whichever head class loaded it."""
+    import hashlib
+
+    model = unwrap(model)
+    base = getattr(model, "base_model", model)
+    h = hashlib.sha256()
+    for name, p in sorted(base.named_parameters(), key=lambda kv: kv[0]):
+        if name.startswith(("xadapter.", "pooler.")):
+            continue
+        t = p.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
 def plm_info(model: nn.Module) -> dict:
     cfg = unwrap(model).config
     return {"model_type": getattr(cfg, "model_type", None), "hidden_size": cfg.hidden_size,
@@ -359,7 +376,8 @@ def save_xadapter(model: nn.Module, directory: str | os.PathLike, extra: dict | 
     tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in stack.state_dict().items()}
     for name in stack.head_param_names:
         tensors[f"head.{name}"] = params[name].detach().cpu().contiguous()
-    meta = {"format_version": FORMAT_VERSION, "config": stack.config.to_dict(), "plm": plm_info(model),
+    meta = {"format_version": FORMAT_VERSION, "config": stack.config.to_dict(),
+            "plm": {**plm_info(model), "fingerprint": plm_fingerprint(model)},
             "head_params": stack.head_param_names, "gates": stack.gates, **(extra or {})}
     _atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     _atomic_write_bytes(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True).encode())
@@ -376,12 +394,13 @@ def read_xadapter_meta(directory: str | os.PathLike) -> dict:
 
 
 def load_xadapter(model: nn.Module, directory: str | os.PathLike, load_head: bool = True,
-                  freeze_base: bool = True) -> XAdapterStack:
+                  freeze_base: bool = True, force: bool = False, log=None) -> XAdapterStack:
     """Attach (if needed) and fill the X-adapter saved in ``directory``.
 
     Raises ``CacheMismatchError`` when the model's architecture / hidden size / depth differs from the
-    PLM the adapter was trained on. With ``load_head=False`` (or when the model has no such head, e.g.
-    a sequence classifier) saved head weights are skipped.
+    PLM the adapter was trained on, or when its base weights differ (the adapter records the PLM's
+    fingerprint; ``force=True`` loads anyway, with a warning). With ``load_head=False`` (or when the
+    model has no such head, e.g. a sequence classifier) saved head weights are skipped.
     """
     from safetensors.torch import load_file
 
@@ -395,6 +414,20 @@ def load_xadapter(model: nn.Module, directory: str | os.PathLike, load_head: boo
         raise CacheMismatchError(
             f"the X-adapter in {directory} was trained for a different PLM ({'; '.join(diffs)}). "
             "Load it into the same base model it was trained with (same --plm).")
+    want = saved.get("fingerprint")
+    if want is not None:
+        got = plm_fingerprint(model)
+        if got != want:
+            msg = (f"the X-adapter in {directory} was trained on a PLM with other weights (fingerprint {want}); "
+                   f"this PLM's fingerprint is {got}")
+            if not force:
+                raise CacheMismatchError(msg, hint="load it into the PLM it was trained with (the same --plm), "
+                                                   "or pass --force to load it anyway")
+            import warnings
+
+            warnings.warn(msg + "; loaded anyway (force)", stacklevel=2)
+            if log is not None:
+                log("warning: " + msg + "; loaded anyway (--force)")
     cfg = XAdapterConfig.from_dict(meta["config"])
     if has_xadapter(model):
         stack = get_xadapter(model)
@@ -438,5 +471,5 @@ def expected_param_count(cfg: XAdapterConfig) -> int:
 __all__ = [
     "XContext", "Expert", "XAdapterLayer", "XAdapterStack", "add_xadapter", "remove_xadapter", "get_xadapter",
     "has_xadapter", "mark_new_head", "adapter_parameters", "count_parameters", "save_xadapter", "load_xadapter",
-    "read_xadapter_meta", "expected_param_count", "unwrap", "plm_info",
+    "read_xadapter_meta", "expected_param_count", "unwrap", "plm_info", "plm_fingerprint",
 ]

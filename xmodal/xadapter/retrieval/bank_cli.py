@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import typer
 
-from ..cli_util import resolve_device
+from ...cli_util import resolve_device
 from .bank import RetrievalBank, exact_topk, recall_at_k
 
 
@@ -44,7 +44,7 @@ def _image_queries(bank: RetrievalBank, backbone, dataset, limit: int, seed: int
     split = bank.meta.get("split")
     others = [s for s in ("test", "val", "train") if dataset is not None and s != split and s in dataset.splits()]
     if backbone is not None and others:
-        from ..features import extract_features
+        from ...features import extract_features
 
         samples = dataset.samples(others[0])
         pick = sorted(torch.randperm(len(samples), generator=gen)[:limit].tolist())
@@ -121,8 +121,8 @@ def register_bank(xadapter_app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
     ) -> None:
         """Build a retrieval bank (image pool for X-adapter retrieval) and print a summary."""
-        from ..backbones import load_backbone
-        from ..data import load_dataset
+        from ...backbones import load_backbone
+        from ...data import load_dataset
 
         start = time.perf_counter()
         dev = resolve_device(device or "auto")

@@ -22,11 +22,11 @@ from typing import Callable
 
 import torch
 
-from ..errors import InputError, XmodalError
-from .config import XAdapterConfig, parse_experts
-from .context import DEFAULT_BACKBONE, ContextBuilder, load_bank
-from .masking import mask_tokens, visible_texts
-from .modules import (
+from ...errors import InputError, XmodalError
+from ..model.config import XAdapterConfig, parse_experts
+from ..retrieval.context import DEFAULT_BACKBONE, ContextBuilder, load_bank
+from ..model.masking import mask_tokens, visible_texts
+from ..model.modules import (
     _atomic_write_bytes,
     add_xadapter,
     adapter_parameters,
@@ -36,7 +36,7 @@ from .modules import (
     save_xadapter,
     unwrap,
 )
-from .plm import load_mlm
+from ..model.plm import load_mlm
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
@@ -229,7 +229,7 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
         raise XmodalError(f"the tokenizer of {args.plm} has no mask token; MLM adaptation needs one")
     bank = None
     backbone_spec = args.backbone
-    from ..backbones import load_backbone
+    from ...backbones import load_backbone
 
     if "v" in experts:
         if not args.bank:

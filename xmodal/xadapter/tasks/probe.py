@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DatasetError, XmodalError
-from .modules import get_xadapter, has_xadapter
+from ...errors import DatasetError, XmodalError
+from ..model.modules import get_xadapter, has_xadapter
 
 # VaLM's nine prompts; the mask goes right after the last word [V S4, V3 S3]
 VALM_TEMPLATES = [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DatasetError, XmodalError
+from ...errors import DatasetError, XmodalError
 
 # task -> (text columns, label column, label names (None = regression), dev files, metrics)
 TASKS = {
@@ -176,10 +176,10 @@ def run_glue(args: GlueArgs, log=print) -> dict:
     """Fine-tune on ``train.tsv`` and evaluate on the dev file(s); returns the result dict."""
     from transformers import get_linear_schedule_with_warmup
 
-    from .config import parse_experts
-    from .context import DEFAULT_BACKBONE, ContextBuilder, load_bank
-    from .modules import count_parameters, get_xadapter, load_xadapter, read_xadapter_meta
-    from .plm import load_classifier
+    from ..model.config import parse_experts
+    from ..retrieval.context import DEFAULT_BACKBONE, ContextBuilder, load_bank
+    from ..model.modules import count_parameters, get_xadapter, load_xadapter, read_xadapter_meta
+    from ..model.plm import load_classifier
 
     task = canonical_task(args.task)
     cols, _, labels, dev_files, _ = TASKS[task]
@@ -208,7 +208,7 @@ def run_glue(args: GlueArgs, log=print) -> dict:
         experts = parse_experts(args.experts)
         stack.set_experts(experts)
         if experts:
-            from ..backbones import load_backbone
+            from ...backbones import load_backbone
 
             spec = args.backbone or meta["config"].get("backbone") or DEFAULT_BACKBONE
             backbone = load_backbone(spec, device=str(device))

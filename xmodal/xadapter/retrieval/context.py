@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import XmodalError
-from .config import XAdapterConfig
-from .modules import XContext
+from ...errors import XmodalError
+from ..model.config import XAdapterConfig
+from ..model.modules import XContext
 
 DEFAULT_BACKBONE = "bridge:lite0-minilm"
 # What the V-expert receives: the retrieved images ("real"), images of other classes in place of each
@@ -170,7 +170,7 @@ def check_bank_backbone(bank, backbone) -> None:
     meta = getattr(bank, "meta", {}) or {}
     fp = meta.get("fingerprint")
     if fp is not None and fp != backbone.fingerprint():
-        from ..errors import CacheMismatchError
+        from ...errors import CacheMismatchError
 
         raise CacheMismatchError(f"the bank was built with backbone {meta.get('backbone')} (fingerprint {fp}); "
                                  f"this run uses {backbone.spec} ({backbone.fingerprint()}). Rebuild the bank or "
