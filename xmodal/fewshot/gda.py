@@ -1,5 +1,18 @@
 """GDA: Gaussian discriminant analysis on the features, blended with zero-shot logits
-(Wang et al., "A hard-to-beat baseline for training-free CLIP-based adaptation", ICLR 2024)."""
+(Wang et al., "A hard-to-beat baseline for training-free CLIP-based adaptation", ICLR 2024).
+
+Two readings, chosen by ``preset``:
+
+* ``"published"`` (default), as the paper's code: samples = the augmented views only (plain features
+  when there are none), precision Σ⁻¹ = D·pinv(X_cᵀX_c + tr(Ŝ)·I) with X_c the class-centred samples and
+  Ŝ = X_cᵀX_c/(N − 1) (equivalent to shrinking towards tr·I/D with weight D/(N − 1 + D)), uniform class
+  prior, α ∈ {10⁻⁴, …, 10²} (7 points).
+* ``"ledoit-wolf"``: xmodal's earlier reading: samples = plain features plus every view, pooled
+  covariance S (÷N) shrunk with Ledoit-Wolf's coefficient, empirical class prior, α on a 41-point log grid
+  10⁻⁴ … 10⁴.
+
+Any of ``estimator``, ``samples``, ``prior`` and the α grid can be set on their own to mix the two.
+"""
 from __future__ import annotations
 
 import math
@@ -44,9 +57,7 @@ def gda_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, shrinkage
     x = x.double()
     n, d = x.shape
     counts = torch.bincount(y, minlength=num_classes).double()
-    if bool((counts == 0).any()):
-        missing = torch.nonzero(counts == 0)[:, 0].tolist()
-        raise ValueError(f"GDA needs at least one support sample per class; classes {missing[:5]} have none")
+    _check_counts(counts)
     means = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device).index_add_(0, y, x) / counts[:, None]
     xc = x - means[y]
     cov = xc.T @ xc / n
@@ -69,41 +80,126 @@ def gda_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, shrinkage
     return w, b, s
 
 
+def published_gda(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GDA's published closed form (uniform prior), in float64.
+
+    μ_c class means, X_c = x − μ_y, Ŝ = X_cᵀX_c/(N − 1), P = D·pinv(X_cᵀX_c + tr(Ŝ)·I);
+    W = μP (C, D), b_c = log(1/C) − ½ μ_c P μ_cᵀ. The matrix is positive definite whenever tr(Ŝ) > 0
+    (then pinv = inverse, computed by Cholesky); with no within-class scatter it is 0 and so is P.
+    """
+    x = x.double()
+    n, d = x.shape
+    counts = torch.bincount(y, minlength=num_classes).double()
+    _check_counts(counts)
+    means = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device).index_add_(0, y, x) / counts[:, None]
+    xc = x - means[y]
+    scatter = xc.T @ xc
+    trace = float(torch.trace(scatter)) / max(n - 1, 1)
+    if trace <= 0:
+        precision = torch.zeros(d, d, dtype=x.dtype, device=x.device)
+        w = means @ precision
+    else:
+        chol = torch.linalg.cholesky(scatter + trace * torch.eye(d, dtype=x.dtype, device=x.device))
+        w = d * torch.cholesky_solve(means.T, chol).T
+    b = -0.5 * (w * means).sum(1) + math.log(1.0 / num_classes)
+    return w, b
+
+
+def _check_counts(counts: torch.Tensor) -> None:
+    if bool((counts == 0).any()):
+        missing = torch.nonzero(counts == 0)[:, 0].tolist()
+        raise ValueError(f"GDA needs at least one support sample per class; classes {missing[:5]} have none")
+
+
+PRESETS = {
+    "published": {"estimator": "published", "samples": "views", "prior": "uniform",
+                  "alpha_min_exp": -4.0, "alpha_max_exp": 2.0, "n_alpha": 7},
+    "ledoit-wolf": {"estimator": "ledoit-wolf", "samples": "features+views", "prior": "empirical",
+                    "alpha_min_exp": -4.0, "alpha_max_exp": 4.0, "n_alpha": 41},
+}
+SAMPLES = ("views", "features+views", "features")
+
+
 @register("gda")
 class GDA(FewShotMethod):
-    """logits = logit_scale·f Wᵀ + α·(f W_gdaᵀ + b_gda), α from a log grid chosen on val (first best, i.e. the
-    smallest α among ties). With ``use_views`` the augmented-view embeddings are extra samples for the class
-    means and covariance (our reading; see docs/fewshot.md)."""
+    """logits = logit_scale·f Wᵀ + α·(f W_gdaᵀ + b_gda), α from a log grid chosen on validation accuracy (first
+    best, i.e. the smallest α among ties). ``preset="published"`` (default) follows the paper's code,
+    ``preset="ledoit-wolf"`` is xmodal's earlier reading; see the module docstring and docs/fewshot.md.
+
+    estimator: "published" | "ledoit-wolf" | a float s (Σ = (1 − s)S + s·tr(S)/D·I)
+    samples:   "views" (views only; plain features when there are none) | "features+views" | "features"
+    prior:     "uniform" | "empirical" (class frequencies of the samples)
+    """
 
     training_free = True
 
     def __init__(self, seed: int = 0, device: str = "cpu", logit_scale: float = 100.0, *,
-                 shrinkage: float | str = "ledoit-wolf", use_views: bool = True,
-                 alpha_min_exp: float = -4.0, alpha_max_exp: float = 4.0, n_alpha: int = 41) -> None:
+                 preset: str = "published", estimator: float | str | None = None, samples: str | None = None,
+                 prior: str | None = None, shrinkage: float | str | None = None, use_views: bool | None = None,
+                 alpha_min_exp: float | None = None, alpha_max_exp: float | None = None,
+                 n_alpha: int | None = None) -> None:
         super().__init__(seed=seed, device=device, logit_scale=logit_scale)
-        self.shrinkage, self.use_views = shrinkage, use_views
+        self.preset, self.estimator, self.samples, self.prior = preset, estimator, samples, prior
+        self.shrinkage, self.use_views = shrinkage, use_views  # older names: shrinkage=estimator, use_views=False
         self.alpha_min_exp, self.alpha_max_exp, self.n_alpha = alpha_min_exp, alpha_max_exp, n_alpha
 
-    def _alphas(self) -> list[float]:
-        if self.n_alpha == 1:
-            return [10 ** self.alpha_min_exp]
-        step = (self.alpha_max_exp - self.alpha_min_exp) / (self.n_alpha - 1)
-        return [10 ** (self.alpha_min_exp + i * step) for i in range(self.n_alpha)]
+    def _settings(self) -> dict:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown GDA preset {self.preset!r}; use one of {', '.join(PRESETS)}")
+        cfg = dict(PRESETS[self.preset])
+        if self.shrinkage is not None:
+            cfg["estimator"] = self.shrinkage
+        if self.use_views is False:
+            cfg["samples"] = "features"
+        for key in ("estimator", "samples", "prior", "alpha_min_exp", "alpha_max_exp", "n_alpha"):
+            if getattr(self, key) is not None:
+                cfg[key] = getattr(self, key)
+        if cfg["samples"] not in SAMPLES:
+            raise ValueError(f"samples must be one of {SAMPLES}, got {cfg['samples']!r}")
+        if cfg["prior"] not in ("uniform", "empirical"):
+            raise ValueError(f"prior must be 'uniform' or 'empirical', got {cfg['prior']!r}")
+        return cfg
+
+    @staticmethod
+    def _alphas(cfg: dict) -> list[float]:
+        lo, hi, n = cfg["alpha_min_exp"], cfg["alpha_max_exp"], int(cfg["n_alpha"])
+        if n == 1:
+            return [10 ** lo]
+        step = (hi - lo) / (n - 1)
+        return [10 ** (lo + i * step) for i in range(n)]
 
     def fit(self, support: FeatureSet, val: FeatureSet, text_classifier: torch.Tensor) -> "GDA":
         check_fit_inputs(support, val, text_classifier)
+        cfg = self._settings()
         dev = self.device
-        x, y = support.features.float(), support.labels.long()
-        n_views = 0
-        if self.use_views and support.views is not None and support.views.shape[0] > 0:
-            n_views = support.views.shape[0]
-            x = torch.cat([x, support.views.float().reshape(-1, support.dim)])
-            y = y.repeat(n_views + 1)
-        w, b, s = gda_classifier(x.to(dev), y.to(dev), text_classifier.shape[0], self.shrinkage)
+        c = text_classifier.shape[0]
+        has_views = support.views is not None and support.views.shape[0] > 0
+        n_views = support.views.shape[0] if has_views else 0
+        plain_x, plain_y = support.features.float(), support.labels.long()
+        if cfg["samples"] == "views" and has_views:
+            x, y, used = support.views.float().reshape(-1, support.dim), plain_y.repeat(n_views), "views"
+        elif cfg["samples"] == "features+views" and has_views:
+            x = torch.cat([plain_x, support.views.float().reshape(-1, support.dim)])
+            y, used = plain_y.repeat(n_views + 1), "features+views"
+        else:
+            x, y, used = plain_x, plain_y, "features"
+        x, y = x.to(dev), y.to(dev)
+        est = cfg["estimator"]
+        if est == "published":
+            w, b = published_gda(x, y, c)
+            s = None
+        else:
+            w, b, s = gda_classifier(x, y, c, est)
+        if cfg["prior"] == "uniform" and est != "published":
+            counts = torch.bincount(y, minlength=c).double()
+            b = b - torch.log(counts / counts.sum()) + math.log(1.0 / c)
+        elif cfg["prior"] == "empirical" and est == "published":
+            counts = torch.bincount(y, minlength=c).double()
+            b = b - math.log(1.0 / c) + torch.log(counts / counts.sum())
         self.text_classifier_ = text_classifier.float().to(dev)
         self.w_, self.b_ = w.float(), b.float()
         fv, yv = val.features.float().to(dev), val.labels.to(dev)
-        alphas = self._alphas()
+        alphas = self._alphas(cfg)
         with torch.no_grad():
             zs = self.logit_scale * fv @ self.text_classifier_.T
             g = fv @ self.w_.T + self.b_
@@ -111,9 +207,12 @@ class GDA(FewShotMethod):
             acc = ((zs[None] + a * g[None]).argmax(-1) == yv).float().mean(-1)
         ai = first_best(acc)
         self.alpha_ = alphas[ai]
-        self.selected_ = {"alpha": float(self.alpha_), "shrinkage": float(s),
-                          "shrinkage_rule": self.shrinkage if isinstance(self.shrinkage, str) else "fixed",
-                          "samples_per_image": 1 + n_views, "val_acc": float(acc[ai]),
+        self.selected_ = {"alpha": float(self.alpha_), "preset": self.preset,
+                          "estimator": est if isinstance(est, str) else "fixed",
+                          "shrinkage": None if s is None else float(s),
+                          "samples": used, "samples_per_image": n_views if used == "views" else
+                          (1 + n_views if used == "features+views" else 1),
+                          "prior": cfg["prior"], "val_acc": float(acc[ai]),
                           "alpha_grid": [float(math.log10(alphas[0])), float(math.log10(alphas[-1])), len(alphas)]}
         return self
 
