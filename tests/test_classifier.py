@@ -164,3 +164,15 @@ def test_all_training_images_when_shots_is_none(data, one_thread):
         FewShotClassifier(backbone="tiny:clip", method="nope", cache_dir=cache).fit(root)
     with pytest.raises(UsageError, match="bad parameter"):
         FewShotClassifier(backbone="tiny:clip", method="gda", cache_dir=cache, device="cpu", nonsense=1).fit(root)
+
+
+def test_malformed_description_is_a_clear_error(fitted, data, tmp_path):
+    _, cache = data
+    out = fitted.save(tmp_path / "model")
+    doc = json.loads((out / CONFIG_FILE).read_text())
+    for broken in ({**doc, "classes": 3}, {k: v for k, v in doc.items() if k != "backbone"},
+                   {**doc, "method": {**doc["method"], "state": {**doc["method"]["state"],
+                                                                  "params": {"no_such_param": 1}}}}):
+        (out / CONFIG_FILE).write_text(json.dumps(broken))
+        with pytest.raises(InputError):
+            FewShotClassifier.load(out, device="cpu", cache_dir=cache)

@@ -250,10 +250,14 @@ class FewShotClassifier:
         tensors, doc = read_artefact(folder)
         try:
             saved_bb, method_doc, classes = doc["backbone"], doc["method"], doc["classes"]
-            spec, fingerprint = saved_bb["spec"], saved_bb["fingerprint"]
+            spec, fingerprint = str(saved_bb["spec"]), str(saved_bb["fingerprint"])
             info = {k: doc[k] for k in ("dataset", "validation", "fit_seconds") if k in doc}
-        except (KeyError, TypeError) as exc:
-            raise InputError(f"{folder}: xmodal_classifier.json lacks the field {exc}",
+            if not (isinstance(classes, list) and classes and isinstance(method_doc.get("state"), dict)
+                    and isinstance(method_doc.get("params") or {}, dict) and isinstance(info.get("dataset", {}), dict)
+                    and isinstance(info.get("validation", {}), dict)):
+                raise TypeError("a field has the wrong type")
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{folder}: xmodal_classifier.json is malformed ({type(exc).__name__}: {exc})",
                              hint="the JSON was edited or truncated; fit and save the classifier again") from None
         dev = _resolve_device(device)
         if backbone is None or isinstance(backbone, str):

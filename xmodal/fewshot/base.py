@@ -74,7 +74,11 @@ class FewShotMethod(abc.ABC):
                              hint=f"available: {', '.join(_REGISTRY)}; load it with the xmodal version that saved it")
         if cls is not FewShotMethod and not issubclass(klass, cls):
             raise InputError(f"saved state is of method {name!r}, not {cls.__name__}")
-        method = klass(**decode_params(tensors, meta), device=device)
+        try:
+            method = klass(**decode_params(tensors, meta), device=device)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"saved parameters of method {name!r} are not accepted by this xmodal: {exc}",
+                             hint="load it with the xmodal version that saved it, or fit and save it again") from None
         return method.set_state(tensors, meta)
 
 
