@@ -119,3 +119,42 @@ def test_xmadapter_variants_round_trip(params, task, tmp_path, one_thread):
     method = create_method("xmadapter", seed=0, epochs=2, **params).fit(support, val, text)
     loaded = _round_trip(method, tmp_path)
     assert float((loaded.decision_scores(test.features) - method.decision_scores(test.features)).abs().max()) <= 1e-6
+
+
+class _TorchNet(FewShotMethod):
+    """A method whose fitted module has no codec: stored by structure (torch.nn classes only)."""
+
+    name = "torch-net"
+
+    def fit(self, support, val, text_classifier):
+        torch.manual_seed(0)
+        self.net_ = nn.Sequential(nn.Linear(support.dim, 8), nn.ReLU(), nn.Linear(8, text_classifier.shape[0]))
+        self.net_[0].register_buffer("scale", torch.tensor(2.0), persistent=False)
+        self.net_.eval()
+        return self
+
+    def decision_scores(self, features):
+        with torch.no_grad():
+            return self.net_(features) * self.net_[0].scale
+
+
+def test_module_without_codec_is_stored_by_structure(task, tmp_path):
+    from xmodal.bench.testing import registered
+
+    support, val, test, text = task
+    with registered("torch-net", _TorchNet):
+        method = _TorchNet().fit(support, val, text)
+        loaded = _round_trip(method, tmp_path)
+    assert torch.equal(loaded.decision_scores(test.features), method.decision_scores(test.features))
+    assert not loaded.net_.training and "scale" in loaded.net_[0]._non_persistent_buffers_set
+
+
+def test_saved_module_class_outside_xmodal_and_torch_is_refused(task):
+    from xmodal.bench.testing import registered
+
+    support, val, _, text = task
+    with registered("torch-net", _TorchNet):
+        tensors, meta = _TorchNet().fit(support, val, text).get_state()
+        evil = json.loads(json.dumps(meta).replace("torch.nn.modules.container:Sequential", "os:system"))
+        with pytest.raises(InputError, match="cannot be rebuilt"):
+            FewShotMethod.from_state(tensors, evil)

@@ -11,8 +11,9 @@ rebuild each fitted torch module). Encoding is generic, scikit-learn style:
 Values are encoded recursively: tensors become references into the tensor dict, tuples and non-finite
 floats are tagged so they come back exactly, and a ``torch.nn.Module`` is stored as its ``state_dict`` plus
 a config from a *module codec* (registered per module class with :func:`register_module_codec`) that can
-rebuild an empty module of the right shape. A method holding a module without a codec fails loudly at
-save time, never silently at load time.
+rebuild an empty module of the right shape. A module without a codec is stored by structure (class,
+parameters, buffers, children, plain attributes) and rebuilt without running ``__init__``, for classes
+defined in xmodal or torch.nn only; anything else fails loudly at save time, never silently at load time.
 """
 from __future__ import annotations
 
@@ -68,10 +69,7 @@ class _Encoder:
         if isinstance(value, nn.Module):
             found = _codec_for(value)
             if found is None:
-                raise UsageError(
-                    f"{self.owner} holds a fitted torch module {type(value).__name__} at {key!r} that cannot be saved",
-                    hint="register a codec with xmodal.fewshot.state.register_module_codec(cls, config, build) "
-                         "or override get_state/set_state on the method")
+                return self.encode_structure(value, key)
             name, codec = found
             for k, t in value.state_dict().items():
                 self.tensors[f"{key}.{k}"] = _plain_tensor(t)
@@ -105,6 +103,80 @@ class _Encoder:
                               "lists, tuples and string-keyed dicts")
 
 
+    def encode_structure(self, m: nn.Module, key: str) -> dict:
+        """Any module of an xmodal or torch.nn class, by structure: its class, parameters, buffers, child
+        modules and plain attributes (what ``__init__`` left in its ``__dict__``). Rebuilt without running
+        ``__init__``, so no codec is needed; only classes under ``xmodal.`` / ``torch.nn.`` are accepted."""
+        path = _class_path(type(m))
+        if not path.startswith(_ALLOWED_MODULE_PREFIXES) or "<locals>" in path:
+            raise UsageError(
+                f"{self.owner} holds a fitted torch module {type(m).__name__} ({path}) at {key!r} that cannot be "
+                "saved: only module classes defined in xmodal or torch.nn are rebuilt from a saved state",
+                hint="register a codec with xmodal.fewshot.state.register_module_codec(cls, config, build) "
+                     "or override get_state/set_state on the method")
+        params, buffers = {}, {}
+        for name, p in m._parameters.items():
+            if p is not None:
+                self.tensors[f"{key}.{name}"] = _plain_tensor(p)
+            params[name] = None if p is None else {"requires_grad": bool(p.requires_grad)}
+        for name, b in m._buffers.items():
+            if b is not None:
+                self.tensors[f"{key}.{name}"] = _plain_tensor(b)
+            buffers[name] = None if b is None else {"persistent": name not in m._non_persistent_buffers_set}
+        children = {name: None if sub is None else self.encode(sub, f"{key}.{name}") for name, sub in m._modules.items()}
+        attrs = {k: self.encode(v, f"{key}#{k}") for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
+        return {"__nn__": path, "key": key, "training": bool(m.training), "parameters": params, "buffers": buffers,
+                "modules": children, "attrs": attrs}
+
+
+_ALLOWED_MODULE_PREFIXES = ("xmodal.", "torch.nn.")
+_MODULE_INTERNALS = set(nn.Module().__dict__)
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _resolve_module_class(path: str, owner: str) -> type:
+    """The nn.Module class named ``module:qualname``, imported only from xmodal or torch.nn."""
+    import importlib
+
+    modname, _, qualname = path.partition(":")
+    bad = InputError(f"{owner}: the saved state names a module class {path!r} that cannot be rebuilt",
+                     hint="load it with the xmodal version that saved it")
+    if not path.startswith(_ALLOWED_MODULE_PREFIXES) or not qualname or "<locals>" in qualname:
+        raise bad
+    try:
+        obj: Any = importlib.import_module(modname)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        raise bad from None
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise bad
+    return obj
+
+
+def _decode_structure(value: dict, tensors: dict[str, torch.Tensor], device: str, owner: str) -> nn.Module:
+    cls = _resolve_module_class(value["__nn__"], owner)
+    key = value["key"]
+    m = cls.__new__(cls)
+    nn.Module.__init__(m)
+    for k, v in value["attrs"].items():
+        m.__dict__[k] = _decode(v, tensors, device, owner)
+    for name, spec in value["parameters"].items():
+        m._parameters[name] = None if spec is None else nn.Parameter(
+            _tensor(tensors, f"{key}.{name}", owner).to(device), requires_grad=spec["requires_grad"])
+    for name, spec in value["buffers"].items():
+        m._buffers[name] = None if spec is None else _tensor(tensors, f"{key}.{name}", owner).to(device)
+        if spec is not None and not spec["persistent"]:
+            m._non_persistent_buffers_set.add(name)
+    for name, sub in value["modules"].items():
+        m._modules[name] = None if sub is None else _decode(sub, tensors, device, owner)
+    m.training = bool(value["training"])
+    return m
+
+
 def _plain_tensor(t: torch.Tensor) -> torch.Tensor:
     """A detached, contiguous CPU copy that owns its memory (safetensors refuses shared storage)."""
     return t.detach().to("cpu").contiguous().clone()
@@ -128,6 +200,8 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor], device: str, owner: st
         return {k: _decode(v, tensors, device, owner) for k, v in value["__dict__"].items()}
     if "__module__" in value:
         return _decode_module(value, tensors, device, owner)
+    if "__nn__" in value:
+        return _decode_structure(value, tensors, device, owner)
     return {k: _decode(v, tensors, device, owner) for k, v in value.items()}
 
 
