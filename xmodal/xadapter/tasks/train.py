@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,8 @@ SUMMARY_NAME = "summary.json"
 ADAPTER_SUBDIR = "xadapter"
 # arguments that must not change between a run and its resumption
 _RESUME_KEYS = ("plm", "backbone", "steps", "batch_size", "lr", "mask_ratio", "max_length", "seed", "experts",
-                "corpus", "warmup_ratio", "weight_decay", "visual", "focus_words")
+                "corpus", "warmup_ratio", "weight_decay", "visual", "focus_words", "layers", "heads", "attn_dim",
+                "proj_dim", "bottleneck", "feature_source", "k", "dropout", "max_texts")
 
 
 def read_corpus(files: list[str | Path], limit: int | None = None) -> list[str]:
@@ -129,10 +131,22 @@ class TrainArgs:
     focus_words: str | None = None
 
     def fingerprint(self) -> dict:
+        """Everything a resumed run must share with the run that wrote the checkpoint."""
         d = {k: getattr(self, k) for k in _RESUME_KEYS}
         d["corpus"] = [str(Path(c).resolve()) for c in self.corpus]
         d["corpus_sha256"] = corpus_digest(self.corpus)
+        d["bank_build"] = _bank_build_id(self.bank)
         return d
+
+
+def _bank_build_id(bank: str | None) -> str | None:
+    """The build id a bank records in bank.json (a rebuilt bank gets a new one)."""
+    if not bank:
+        return None
+    try:
+        return json.loads((Path(bank) / "bank.json").read_text()).get("build_id")
+    except (OSError, ValueError):
+        return None
 
 
 def corpus_digest(files: list[str | Path]) -> str:
@@ -191,47 +205,63 @@ def _make_accelerator(device: str):
     return Accelerator(cpu=device == "cpu", kwargs_handlers=handlers)
 
 
-def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) MLM adaptation; returns a summary dict (also written to ``out/summary.json``)."""
-    from transformers import get_linear_schedule_with_warmup
-
-    out = Path(args.out)
-    ckpt_path = out / CHECKPOINT_NAME
+# ----- the parts of a run ---------------------------------------------------------------------------
+def _check_args(args: TrainArgs) -> tuple[str, ...]:
     experts = parse_experts(args.experts)
     if not experts:
         raise XmodalError("--experts none leaves nothing to train; use v,t, v or t")
     if args.steps < 1:
         raise XmodalError("--steps must be >= 1")
-    checkpoint = None
-    if ckpt_path.is_file():
-        if not args.resume:
-            raise XmodalError(f"{out} already holds a training checkpoint; pass --resume to continue it "
-                              "or choose another --out")
-        checkpoint = load_checkpoint(ckpt_path)
-        saved = checkpoint["args"]
-        diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in args.fingerprint().items()
-                 if saved.get(k) != v]
-        if diffs:
-            raise XmodalError("cannot resume: the run's settings changed (" + "; ".join(diffs) + ")",
-                              hint=f"rerun with the original settings and corpus, or start a fresh run with another "
-                                   f"--out than {out}")
-    elif args.resume:
-        log(f"no checkpoint in {out}; starting a fresh run")
+    return experts
 
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    accelerator = _make_accelerator(args.device)
-    device = accelerator.device
 
-    # ----- models ------------------------------------------------------------------------------
+def _open_checkpoint(args: TrainArgs, out: Path, world: int, log) -> dict | None:
+    """The checkpoint to resume from (verified against the current settings), or None for a fresh run."""
+    ckpt_path = out / CHECKPOINT_NAME
+    if not ckpt_path.is_file():
+        if args.resume:
+            log(f"no checkpoint in {out}; starting a fresh run")
+        return None
+    if not args.resume:
+        raise XmodalError(f"{out} already holds a training checkpoint; pass --resume to continue it "
+                          "or choose another --out")
+    checkpoint = load_checkpoint(ckpt_path)
+    saved = checkpoint["args"]
+    now = {**args.fingerprint(), "processes": world}
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items()
+             if saved.get(k, v if k == "processes" else None) != v]
+    if diffs:
+        raise XmodalError("cannot resume: the run's settings changed (" + "; ".join(diffs) + ")",
+                          hint=f"rerun with the original settings and corpus, or start a fresh run with another "
+                               f"--out than {out}")
+    return checkpoint
+
+
+@dataclass
+class _Parts:
+    """What ``_build_model`` assembles: the PLM with its adapters, the VLM and the bank."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    backbone: object
+    backbone_spec: str
+    bank: object
+    config: XAdapterConfig
+    counts: dict
+    new_head: list
+    head_note: str | None
+    plm_path: object
+
+
+def _build_model(args: TrainArgs, experts: tuple[str, ...], device, log) -> _Parts:
+    from ...backbones import load_backbone
+
     model, tokenizer, new_head, plm_path = load_mlm(args.plm)
     if tokenizer.mask_token_id is None:
         raise XmodalError(f"the tokenizer of {args.plm} has no mask token; MLM adaptation needs one")
-    bank = None
     backbone_spec = args.backbone
-    from ...backbones import load_backbone
-
-    if "v" in experts:
+    needs_bank = "v" in experts and args.visual != "zero"
+    if needs_bank:
         if not args.bank:
             raise XmodalError("the V-expert needs a retrieval bank: pass --bank DIR (build one with "
                               "`xmodal xadapter bank`), or train the T-expert only with --experts t")
@@ -240,8 +270,7 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
             backbone_spec = json.loads(meta_path.read_text()).get("backbone") if meta_path.is_file() else None
     backbone_spec = backbone_spec or DEFAULT_BACKBONE
     backbone = load_backbone(backbone_spec, device=str(device))
-    if "v" in experts:
-        bank = load_bank(args.bank, backbone)
+    bank = load_bank(args.bank, backbone) if needs_bank else None
     cfg = XAdapterConfig.for_backbone(
         backbone, experts=experts, layers=args.layers, heads=args.heads, attn_dim=args.attn_dim,
         proj_dim=args.proj_dim, bottleneck=args.bottleneck, feature_source=args.feature_source, k=args.k,
@@ -257,63 +286,147 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
     log(f"trainable params: {counts['trainable']:,} = {counts['trainable_pct_of_plm']:.2f}% of the PLM's "
         f"{counts['plm']:,} (adapters {counts['adapter']:,} = {counts['adapter_pct_of_plm']:.2f}%)")
     log(f"backbone {backbone.name}; experts {','.join(experts)} after layers {stack.config.layers}; "
-        f"features {cfg.feature_source}, k={cfg.k}")
+        f"features {cfg.feature_source}, k={cfg.k}" + ("" if args.visual == "real" else f"; visual input: {args.visual}"))
+    return _Parts(model, tokenizer, backbone, backbone_spec, bank, cfg, counts, new_head, head_note, plm_path)
 
-    texts = read_corpus(args.corpus, args.max_texts)
+
+def _optimizer(model, args: TrainArgs):
+    """AdamW (weight decay on matrices only) + linear warm-up / decay over the adapter (+ new head) parameters."""
+    from transformers import get_linear_schedule_with_warmup
+
     params = adapter_parameters(model)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * args.steps), args.steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    base = unwrap(model)
-    builder = ContextBuilder(get_xadapter(base).config, backbone, bank, device=device, visual=args.visual)
-    focus_ids = None
-    if args.focus_words:
-        words = [w.strip() for w in args.focus_words.split(",") if w.strip()]
-        ids_ = [tokenizer.encode(" " + w, add_special_tokens=False) for w in words]
-        bad = [w for w, i in zip(words, ids_) if len(i) != 1]
-        if bad:
-            raise XmodalError(f"--focus-words must be single tokens of the PLM vocabulary; not so for {bad}")
-        focus_ids = torch.tensor([i[0] for i in ids_])
+    return params, optimizer, scheduler
 
+
+def _restore(checkpoint: dict, base, optimizer, scheduler) -> int:
+    get_xadapter(base).load_state_dict(checkpoint["adapter"])
+    named = dict(base.named_parameters())
+    with torch.no_grad():
+        for name, value in checkpoint["head"].items():
+            named[name].copy_(value.to(named[name].device))
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    _set_rng_state(checkpoint["rng"])
+    return int(checkpoint["step"])
+
+
+def _save_checkpoint(path: Path, step: int, args: TrainArgs, base, optimizer, scheduler, accelerator) -> None:
+    """Adapter, new head, optimizer, scheduler, step and RNG state; tensors and plain containers only (so it
+    loads with ``weights_only=True``), written atomically by the main process."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    stack = get_xadapter(base)
+    named = dict(base.named_parameters())
+    state = {
+        "step": step, "args": {**args.fingerprint(), "processes": accelerator.num_processes},
+        "config": stack.config.to_dict(),
+        "adapter": {k: v.detach().cpu() for k, v in stack.state_dict().items()},
+        "head": {n: named[n].detach().cpu() for n in stack.head_param_names},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def _focus_ids(words: str | None, tokenizer) -> torch.Tensor | None:
+    if not words:
+        return None
+    names = [w.strip() for w in words.split(",") if w.strip()]
+    ids = [tokenizer.encode(" " + w, add_special_tokens=False) for w in names]
+    bad = [w for w, i in zip(names, ids) if len(i) != 1]
+    if bad:
+        raise XmodalError(f"--focus-words must be single tokens of the PLM vocabulary; not so for {bad}")
+    return torch.tensor([i[0] for i in ids])
+
+
+def _masked_batch(texts, perm: _EpochPerm, step: int, args: TrainArgs, tokenizer, rank: int, world: int,
+                  focus_ids):
+    """This process's share of step ``step``'s batch: (tokenizer output, masked ids, labels, global target count).
+
+    With several processes every one of them tokenizes and masks the whole global batch (``world`` x
+    ``batch_size`` rows, the rows one process would take at that size) and keeps its slice, so the
+    masking does not depend on how the batch is split.
+    """
+    if world == 1:
+        rows = perm.rows(step, args.batch_size, rank, world)
+    else:
+        rows = [r for k in range(world) for r in perm.rows(step, args.batch_size, k, world)]
+    enc = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=args.max_length,
+                    return_tensors="pt")
+    gen = torch.Generator().manual_seed(args.seed * 7_368_787 + step * 104_729)
+    if focus_ids is None:
+        ids, labels, _ = mask_tokens(enc["input_ids"], enc["attention_mask"], tokenizer, args.mask_ratio, gen)
+    else:
+        ids, labels, _ = mask_tokens(enc["input_ids"], enc["attention_mask"], tokenizer, args.mask_ratio, gen,
+                                     focus_ids=focus_ids)
+    n_targets = int((labels != -100).sum())
+    if world > 1:
+        part = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+        enc = {k: v[part] for k, v in enc.items()}
+        ids, labels = ids[part], labels[part]
+    return enc, ids, labels, n_targets
+
+
+def _loss(model, batch: dict, labels: torch.Tensor, n_targets: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (loss to backpropagate, this process's summed target loss).
+
+    One process: the model's own mean cross-entropy. Several: the summed cross-entropy of this slice
+    divided by the global target count, times ``world`` (DDP averages gradients over processes), so the
+    gradient equals the one-process gradient of the global batch.
+    """
+    if world == 1:
+        loss = model(**batch, labels=labels).loss
+        return loss, loss.detach()
+    logits = model(**batch).logits
+    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                              ignore_index=-100, reduction="sum")
+    return total * world / max(n_targets, 1), total.detach()
+
+
+def _write_log_head(log_path: Path, checkpoint, start_step: int) -> None:
+    """Keep the log lines up to the resumed step (a fresh run starts an empty log)."""
+    kept = []
+    if log_path.is_file() and checkpoint is not None:
+        kept = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start_step]
+    log_path.write_text("".join(l + "\n" for l in kept))
+
+
+def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) MLM adaptation; returns a summary dict (also written to ``out/summary.json``)."""
+    out = Path(args.out)
+    ckpt_path = out / CHECKPOINT_NAME
+    experts = _check_args(args)
+    accelerator = _make_accelerator(args.device)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    checkpoint = _open_checkpoint(args, out, world, log)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    device = accelerator.device
+    parts = _build_model(args, experts, device, log)
+    texts = read_corpus(args.corpus, args.max_texts)
+    params, optimizer, scheduler = _optimizer(parts.model, args)
+    model, optimizer = accelerator.prepare(parts.model, optimizer)
+    base = unwrap(model)
+    stack = get_xadapter(base)
+    builder = ContextBuilder(stack.config, parts.backbone, parts.bank, device=device, visual=args.visual)
+    focus_ids = _focus_ids(args.focus_words, parts.tokenizer)
     start_step = 0
     if checkpoint is not None:
-        get_xadapter(base).load_state_dict(checkpoint["adapter"])
-        named = dict(base.named_parameters())
-        with torch.no_grad():
-            for name, value in checkpoint["head"].items():
-                named[name].copy_(value.to(named[name].device))
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        _set_rng_state(checkpoint["rng"])
-        start_step = int(checkpoint["step"])
+        start_step = _restore(checkpoint, base, optimizer, scheduler)
         log(f"resumed from step {start_step} of {args.steps}")
 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_NAME
     if accelerator.is_main_process:
-        kept = []
-        if log_path.is_file() and checkpoint is not None:
-            kept = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start_step]
-        log_path.write_text("".join(l + "\n" for l in kept))
-
-    def save_checkpoint(step: int) -> None:
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            return
-        stack_now = get_xadapter(base)
-        named = dict(base.named_parameters())
-        state = {
-            "step": step, "args": args.fingerprint(), "config": stack_now.config.to_dict(),
-            "adapter": {k: v.detach().cpu() for k, v in stack_now.state_dict().items()},
-            "head": {n: named[n].detach().cpu() for n in stack_now.head_param_names},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-        }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        _atomic_write_bytes(ckpt_path, buf.getvalue())
+        _write_log_head(log_path, checkpoint, start_step)
+    save = lambda s: _save_checkpoint(ckpt_path, s, args, base, optimizer, scheduler, accelerator)  # noqa: E731
 
     perm = _EpochPerm(len(texts), args.seed)
     end_step = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
@@ -325,32 +438,23 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
 
         bar = tqdm(total=args.steps, initial=start_step, desc="xadapter mlm", dynamic_ncols=True)
     t0 = time.time()
-    step = start_step
-    with open(log_path, "a") as log_fh:
+    with open(log_path, "a") if accelerator.is_main_process else open(os.devnull, "w") as log_fh:
         for step in range(start_step, end_step):
-            torch.manual_seed(args.seed * 1_000_003 + step * 7919 + accelerator.process_index)
-            rows = perm.rows(step, args.batch_size, accelerator.process_index, accelerator.num_processes)
-            enc = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=args.max_length,
-                            return_tensors="pt")
-            gen = torch.Generator().manual_seed(args.seed * 7_368_787 + step * 104_729 + accelerator.process_index)
-            if focus_ids is None:
-                ids, labels, _ = mask_tokens(enc["input_ids"], enc["attention_mask"], tokenizer, args.mask_ratio, gen)
-            else:
-                ids, labels, _ = mask_tokens(enc["input_ids"], enc["attention_mask"], tokenizer, args.mask_ratio, gen,
-                                             focus_ids=focus_ids)
-            queries = visible_texts(ids, enc["attention_mask"], tokenizer)
-            ctx = builder.build(queries, experts)
+            torch.manual_seed(args.seed * 1_000_003 + step * 7919 + rank)   # dropout
+            enc, ids, labels, n_targets = _masked_batch(texts, perm, step, args, parts.tokenizer, rank, world,
+                                                        focus_ids)
+            ctx = builder.build(visible_texts(ids, enc["attention_mask"], parts.tokenizer), experts)
             batch = {k: v.to(device) for k, v in enc.items()}
-            batch["input_ids"], batch["labels"] = ids.to(device), labels.to(device)
-            with get_xadapter(base).context(ctx):
-                loss = model(**batch).loss
+            batch["input_ids"] = ids.to(device)
+            with stack.context(ctx):
+                loss, summed = _loss(model, batch, labels.to(device), n_targets, world)
             accelerator.backward(loss)
             if args.grad_clip:
                 accelerator.clip_grad_norm_(params, args.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            value = float(accelerator.gather(loss.detach()[None]).mean())
+            value = float(summed) if world == 1 else float(accelerator.gather(summed[None]).sum()) / max(n_targets, 1)
             losses.append(value)
             if accelerator.is_main_process:
                 log_fh.write(json.dumps({"step": step + 1, "loss": round(value, 6),
@@ -360,29 +464,38 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.3f}")
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end_step:
-                save_checkpoint(step + 1)
-        step = end_step
+                save(step + 1)
     if bar is not None:
         bar.close()
-    save_checkpoint(step)
+    save(end_step)
+    return _finish(args, parts, base, accelerator, out, end_step, start_step, losses, time.time() - t0)
+
+
+def _finish(args: TrainArgs, parts: _Parts, base, accelerator, out: Path, step: int, start_step: int,
+            losses: list[float], seconds: float) -> dict:
+    """Write the adapter (when the run is complete) and ``summary.json``."""
     finished = step >= args.steps
+    stack = get_xadapter(base)
     summary = {
-        "out": str(out), "plm": args.plm, "plm_path": str(plm_path), "backbone": backbone_spec,
-        "stand_in_backbone": bool(getattr(backbone, "is_stand_in", False)), "bank": args.bank,
-        "experts": list(experts), "layers": get_xadapter(base).config.layers, "feature_source": cfg.feature_source,
-        "k": cfg.k, "visual": args.visual, "focus_words": args.focus_words, "steps_done": step, "steps": args.steps, "finished": finished, "resumed_from": start_step,
-        "params": counts, "new_mlm_head": bool(new_head), "new_head_note": head_note,
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "seconds": round(time.time() - t0, 2), "log": str(log_path), "checkpoint": str(ckpt_path),
+        "out": str(out), "plm": args.plm, "plm_path": str(parts.plm_path), "backbone": parts.backbone_spec,
+        "stand_in_backbone": bool(getattr(parts.backbone, "is_stand_in", False)), "bank": args.bank,
+        "experts": list(stack.config.experts), "layers": stack.config.layers,
+        "feature_source": parts.config.feature_source, "k": parts.config.k, "visual": args.visual,
+        "focus_words": args.focus_words, "processes": accelerator.num_processes,
+        "global_batch": args.batch_size * accelerator.num_processes, "steps_done": step, "steps": args.steps,
+        "finished": finished, "resumed_from": start_step, "params": parts.counts, "new_mlm_head": bool(parts.new_head),
+        "new_head_note": parts.head_note, "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None, "seconds": round(seconds, 2),
+        "log": str(out / LOG_NAME), "checkpoint": str(out / CHECKPOINT_NAME),
     }
     if accelerator.is_main_process:
         if finished:
             save_xadapter(base, out / ADAPTER_SUBDIR, extra={"training": {k: summary[k] for k in (
-                "plm", "backbone", "bank", "steps", "feature_source", "k")}})
+                "plm", "backbone", "bank", "steps", "feature_source", "k", "visual")}})
             summary["xadapter"] = str(out / ADAPTER_SUBDIR)
         _atomic_write_bytes(out / SUMMARY_NAME, json.dumps(summary, indent=2).encode())
     accelerator.wait_for_everyone()
     return summary
 
 
-__all__ = ["TrainArgs", "train_mlm", "read_corpus"]
+__all__ = ["TrainArgs", "train_mlm", "read_corpus", "load_checkpoint", "corpus_digest"]
