@@ -23,7 +23,7 @@ from .artefact import FORMAT, FORMAT_VERSION, read_artefact, write_artefact
 from .inputs import Item, item_name, normalise_inputs, to_pil
 
 DEFAULT_BACKBONE = "bridge:lite0-minilm"  # the offline default (a stand-in for CLIP), as on the command line
-DEFAULT_CACHE_DIR = ".xmodal-cache"
+from ..features import DEFAULT_CACHE_DIR  # noqa: E402  (XMODAL_CACHE or .xmodal-cache)
 
 
 def _resolve_device(device: str | None) -> str:
