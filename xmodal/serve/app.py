@@ -90,8 +90,9 @@ def require_token(request: Request, state: ModelState = Depends(get_state)) -> N
 
 def _batch_predict(classifier: Classifier, images: list[Image.Image]) -> list[torch.Tensor]:
     """One forward pass over a micro-batch; runs in the batcher's thread."""
+    batch_path = getattr(classifier, "proba_of_images", None)  # one forward pass, no input normalisation
     with torch.inference_mode():
-        probs = classifier.predict_proba(images)
+        probs = batch_path(images) if callable(batch_path) else classifier.predict_proba(images)
     probs = torch.as_tensor(probs).detach().float().cpu()
     if probs.shape != (len(images), len(classifier.classes_)):
         raise RuntimeError(f"predict_proba returned shape {tuple(probs.shape)} for {len(images)} images")
@@ -225,7 +226,7 @@ async def _parse_multipart(headers: Headers, body: bytes, limits: UploadLimits) 
             if not isinstance(entry, UploadFile):
                 raise ApiError(400, "field 'file' holds text, not a file", "missing_file_field",
                                "attach the image as a file (curl -F file=@photo.jpg, note the @)")
-            out.append((entry.filename or None, await entry.read()))
+            out.append(((entry.filename or "")[:255] or None, await entry.read()))
         return out
     finally:
         await form.close()

@@ -10,20 +10,21 @@ from typing import Any
 from PIL import Image
 
 
-def fit_tiny_classifier(root: str | Path, method: str = "tip-adapter", shots: int = 4,
-                        seed: int = 0) -> tuple[Any, Path, Path]:
-    """Fit ``method`` with the random ``tiny:clip`` backbone on a generated 3-class ImageFolder, save it,
+def fit_tiny_classifier(root: str | Path, method: str = "tip-adapter", shots: int = 4, seed: int = 0,
+                        classes: int = 3) -> tuple[Any, Path, Path]:
+    """Fit ``method`` with the random ``tiny:clip`` backbone on a generated ImageFolder, save it,
     and load it back. Returns (loaded classifier, saved folder, image folder)."""
     from ..bench.testing import make_tiny_imagefolder
     from ..classifier import FewShotClassifier
 
     root = Path(root)
-    images = make_tiny_imagefolder(root / "images", classes=3, train=8, test=4, seed=seed)
-    clf = FewShotClassifier(backbone="tiny:clip", method=method, shots=shots, seed=seed)
+    images = make_tiny_imagefolder(root / "images", classes=classes, train=8, test=4, seed=seed)
+    cache = root / "cache"
+    clf = FewShotClassifier(backbone="tiny:clip", method=method, shots=shots, seed=seed, cache_dir=cache, device="cpu")
     clf.fit(f"imagefolder:{images}")
     model_dir = root / "model"
     clf.save(model_dir)
-    return FewShotClassifier.load(model_dir, device="cpu"), model_dir, images
+    return FewShotClassifier.load(model_dir, device="cpu", cache_dir=cache), model_dir, images
 
 
 def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (24, 24)) -> bytes:
