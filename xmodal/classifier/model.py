@@ -14,16 +14,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 
+from ..features import DEFAULT_CACHE_DIR  # XMODAL_CACHE or .xmodal-cache, like the feature cache
 from ..errors import CacheMismatchError, CorruptImageError, InputError, UsageError, XmodalError
 from .artefact import FORMAT, FORMAT_VERSION, read_artefact, write_artefact
-from .inputs import Item, item_name, normalise_inputs, to_pil
+from .inputs import item_name, normalise_inputs, to_pil
 
 DEFAULT_BACKBONE = "bridge:lite0-minilm"  # the offline default (a stand-in for CLIP), as on the command line
-from ..features import DEFAULT_CACHE_DIR  # noqa: E402  (XMODAL_CACHE or .xmodal-cache)
 
 
 def _resolve_device(device: str | None) -> str:
