@@ -328,7 +328,7 @@ def _dataset(data: Any) -> tuple[Any, str]:
     if isinstance(data, ImageDataset):
         return data, str(getattr(data, "spec", None) or data.name)
     if isinstance(data, Path) or (isinstance(data, str) and Path(data).expanduser().is_dir()):
-        spec = f"imagefolder:{Path(data).expanduser()}"
+        spec = f"imagefolder:{Path(data).expanduser().resolve()}"
         return load_dataset(spec), spec
     if isinstance(data, str):
         return load_dataset(data), data
