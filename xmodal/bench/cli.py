@@ -120,6 +120,8 @@ def bench_command(
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     num_workers: int = typer.Option(0, "--num-workers", min=0),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="skip unreadable images with a warning"),
+    test_per_class: int = typer.Option(0, "--test-per-class", min=0,
+                                       help="score a fixed seeded subset of N test images per class (0: the whole test split)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON summary document instead of the table"),
 ) -> None:
     """Resumable sweep over datasets × shots × seeds × methods; writes OUT/results.jsonl, table.md and a plot."""
@@ -138,7 +140,8 @@ def bench_command(
     dev = resolve_device(device)
     result = run_sweep(backbone, datasets, shots_l, seeds_l, names, out, cache_dir=cache_dir, device=dev,
                        augment_views=augment_views, augment_scope=augment_scope, batch_size=batch_size,
-                       num_workers=num_workers, progress=True, skip_corrupt=skip_corrupt)
+                       num_workers=num_workers, progress=True, skip_corrupt=skip_corrupt,
+                       test_per_class=test_per_class or None)
     if result.repaired:
         err.print(f"[yellow]note:[/yellow] {result.results_path}: {result.repaired}")
     if as_json:

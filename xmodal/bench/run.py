@@ -17,6 +17,7 @@ a single episode).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class FeatureBank:
     skip_corrupt: bool = False
     dtype: str | None = None  # extraction precision (None: fp32); part of the feature-cache key
     decode: str = "pil"  # "pil" or "tensor" (eval features only; views always decode with PIL)
+    test_per_class: int | None = None  # score a fixed, seeded subset of the test split (budget option)
     extract_fn: Callable[..., FeatureSet] = _default_extract
     _plain: dict[str, FeatureSet] = field(default_factory=dict, repr=False)
     _views: FeatureSet | None = field(default=None, repr=False)
@@ -202,7 +204,14 @@ class FeatureBank:
         """(support with views, val without views, test) FeatureSets for a ``FewShotSplit``."""
         support, val = self.fit_sets(split)
         test_split = self._split_holding(split.test, ("test",))
-        test = _without_views(self.plain(test_split).subset([s.id for s in split.test]))
+        if self.test_per_class:
+            key = f"{test_split}@{self.test_per_class}"
+            if key not in self._plain:  # only the subset's images are extracted (cached on disk as one set)
+                unique = {s.id: s for s in split.test}
+                self._plain[key] = self._extract(test_split, samples=[unique[i] for i in sorted(unique)])
+            test = _without_views(self._plain[key].subset([s.id for s in split.test]))
+        else:
+            test = _without_views(self.plain(test_split).subset([s.id for s in split.test]))
         return support, val, test
 
     def fit_sets(self, split: Any) -> tuple[FeatureSet, FeatureSet]:
@@ -224,6 +233,24 @@ def _without_views(fs: FeatureSet) -> FeatureSet:
     if fs.views is None:
         return fs
     return FeatureSet(features=fs.features, labels=fs.labels, ids=fs.ids, classnames=fs.classnames, meta=fs.meta)
+
+
+def test_subset(samples: list, per_class: int, seed: int = 0) -> list:
+    """The first ``per_class`` images of each class in a seeded permutation (the same for every episode, so
+    every method, shot count and seed is scored on one fixed test subset). Order: class, then id."""
+    import numpy as np
+
+    if per_class < 1:
+        raise ValueError(f"test_per_class must be >= 1, got {per_class}")
+    groups: dict[int, list] = {}
+    for s in samples:
+        groups.setdefault(int(s.label), []).append(s)
+    out = []
+    for label in sorted(groups):
+        group = sorted(groups[label], key=lambda s: s.id)
+        keep = np.random.default_rng([seed, label]).permutation(len(group))[:per_class]
+        out.extend(group[i] for i in sorted(keep.tolist()))
+    return out
 
 
 def _concat(parts: list[FeatureSet]) -> FeatureSet:
@@ -278,6 +305,7 @@ class Episode:
             "n_support": len(self.support),
             "n_val": len(self.val),
             "n_test": len(self.test),
+            "test_per_class": bank.test_per_class,
             "augment_views": int(bank.augment_views),
             "augment_scope": bank.augment_scope if bank.augment_views > 0 else "none",
             "features_time_s": round(self.features_time_s, 4),
@@ -293,6 +321,8 @@ def prepare_episode(bank: FeatureBank, shots: int, seed: int, *, backbone_spec: 
                     split_fn: Callable[[Any, int, int], Any] = _default_split) -> Episode:
     start = time.perf_counter()
     split = split_fn(bank.dataset, shots, seed)
+    if bank.test_per_class:
+        split = dataclasses.replace(split, test=test_subset(split.test, bank.test_per_class))
     if not split.test:
         raise DatasetError(f"{_dataset_spec(bank.dataset)} has no test samples; cannot score an episode",
                            hint="add a test/ split (ImageFolder) or 'test' entries (split file)")

@@ -110,7 +110,7 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
               cache_dir: str = ".xmodal-cache", device: str | None = None, augment_views: int = 10,
               augment_scope: str = "split", augment_seed: int = 0, batch_size: int = 64, num_workers: int = 0,
               progress: bool = True, write_report: bool = True, skip_corrupt: bool = False,
-              dtype: str | None = None, decode: str = "pil",
+              dtype: str | None = None, decode: str = "pil", test_per_class: int | None = None,
               extract_fn: Callable[..., Any] = _default_extract,
               split_fn: Callable[[Any, int, int], Any] = _default_split,
               on_row: Callable[[dict[str, Any]], None] | None = None) -> SweepResult:
@@ -145,6 +145,8 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
                "augment_seed": int(augment_seed) if augment_views > 0 else None,
                "dtype": str(dtype or "fp32"), "decode": str(decode or "pil"),
                "engine": str(getattr(backbone, "engine", "torch")), "skip_corrupt": bool(skip_corrupt)}
+    if test_per_class:  # only when set, so the identities of full-test-split rows do not change
+        options["test_per_class"] = int(test_per_class)
     identities = {d_spec: result_identity(backbone, d_obj, **options) for d_obj, d_spec in zip(data_l, data_specs)}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +184,8 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
                 bank = FeatureBank(backbone, dataset, augment_views=augment_views, augment_scope=augment_scope,
                                    augment_seed=augment_seed, cache_dir=str(cache_dir), device=device,
                                    batch_size=batch_size, num_workers=num_workers, progress=progress,
-                                   skip_corrupt=skip_corrupt, dtype=dtype, decode=decode, extract_fn=extract_fn)
+                                   skip_corrupt=skip_corrupt, dtype=dtype, decode=decode, extract_fn=extract_fn,
+                                   test_per_class=test_per_class)
                 if augment_scope == "union" and augment_views > 0:
                     # the union over the whole grid (not only what is left), so the cache key is stable
                     bank.use_view_samples(x for k in shots_l for s in seeds_l
