@@ -17,7 +17,7 @@ import xmodal.features as features_mod
 from xmodal.backbones import load_backbone
 from xmodal.backbones.transforms import eval_transform
 from xmodal.data import load_dataset
-from xmodal.errors import CorruptImageError, DatasetError, ShapeError
+from xmodal.errors import CorruptImageError, DatasetError, ShapeError, UsageError
 from xmodal.features import extract_features, extract_tokens
 from xmodal.featureset import FeatureSet
 
@@ -247,7 +247,7 @@ def test_corrupt_image_raises_naming_the_file(bb, tiny_folder, corrupt, tmp_path
     ds = load_dataset(f"imagefolder:{tiny_folder}")
     with pytest.raises(CorruptImageError, match="broken.jpg") as err:
         _extract(bb, ds, tmp_path)
-    assert "--skip-corrupt" in str(err.value)
+    assert "--skip-corrupt" in err.value.hint  # the message names the file; the hint says how to skip it
     assert not list((tmp_path / "features").glob("*.safetensors"))
 
 
@@ -283,11 +283,13 @@ def test_all_images_corrupt(bb, tmp_path):
 def test_no_samples_and_bad_dtype(bb, ds, tmp_path):
     with pytest.raises(DatasetError, match="no samples"):
         _extract(bb, ds, tmp_path, samples=[])
-    with pytest.raises(ValueError, match="unknown dtype"):
+    with pytest.raises(UsageError, match="unknown dtype") as err:
         _extract(bb, ds, tmp_path, dtype="fp8")
+    assert "--dtype fp32" in err.value.hint
     with pytest.warns(UserWarning, match="CPU"):
-        half = _extract(bb, ds, tmp_path, dtype="bf16")
+        half = _extract(bb, ds, tmp_path, dtype="fp16")  # fp16 is a GPU mode: CPU runs fp32, same key
     assert half.features.dtype == torch.float32
+    assert torch.equal(half.features, _extract(bb, ds, tmp_path).features)
 
 
 def test_array_dataset_features(bb, tmp_path):

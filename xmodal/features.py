@@ -7,8 +7,11 @@ numeric precision. A changed key never reuses stale features; writes are atomic.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -24,12 +27,13 @@ from .backbones.base import VisionLanguageBackbone
 from .backbones.transforms import describe
 from .cache import atomic_path, stable_hash
 from .data.base import ImageDataset, Sample
-from .errors import CorruptImageError, DatasetError
+from .errors import CorruptImageError, DatasetError, ResourceError, UsageError
 from .featureset import FeatureSet
+from .shards import Shard, current_shard, launched_world
 
 DEFAULT_CACHE_DIR = os.environ.get("XMODAL_CACHE", ".xmodal-cache")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+          "fp16": torch.float16, "float16": torch.float16, "int8": "int8"}
 
 
 @dataclass
@@ -39,8 +43,8 @@ class ExtractOptions:
     cache_dir: str | Path = DEFAULT_CACHE_DIR
     batch_size: int = 64
     device: str | None = None
-    dtype: str | torch.dtype | None = None  # bf16/fp16 autocast on GPU; fp32 on CPU
-    num_workers: int = 0
+    dtype: str | torch.dtype | None = None  # fp32 exact; bf16/fp16 autocast on GPU; bf16 compiled or int8 on CPU
+    num_workers: int | None = None  # None: sized to the cores inference leaves
     skip_corrupt: bool = False
     progress: bool = True
     decode: str = "pil"  # "pil" (CPU workers) or "tensor" (torchvision decode on the model's device)
@@ -63,7 +67,8 @@ class _Rows(Dataset):
             from torchvision.io import read_file
 
             if sample.path is None:
-                raise ValueError("decode='tensor' needs file-backed images; use decode='pil' for in-memory datasets")
+                raise UsageError("decode='tensor' needs file-backed images",
+                                 hint="use decode='pil' for in-memory datasets")
             try:
                 return (i, (read_file(sample.path), sample.path), None)
             except RuntimeError as exc:
@@ -94,17 +99,37 @@ def _collate(batch):
     return torch.tensor(idx), (list(xs) if isinstance(xs[0], tuple) else torch.stack(xs)), errors
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | str:
+    """A torch dtype for the autocast paths, or ``"int8"`` (CPU, ONNX Runtime QDQ)."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+            raise UsageError(f"unknown dtype {dtype!r}", hint="use --dtype fp32, bf16, fp16 (GPU) or int8 (CPU)")
         dtype = DTYPES[dtype]
-    if dtype != torch.float32 and device.type == "cpu":
-        warnings.warn(f"{dtype} requested on CPU; using float32", stacklevel=3)
+    if dtype == "int8":
+        if device.type != "cpu":
+            raise UsageError(f"--dtype int8 runs on CPU through ONNX Runtime, not on {device}",
+                             hint="use --device cpu with --dtype int8, or --dtype bf16 on the GPU")
+        return dtype
+    if dtype == torch.float16 and device.type == "cpu":
+        warnings.warn("float16 requested on CPU; using float32 (bf16 is the CPU half-precision mode)", stacklevel=3)
         return torch.float32
     return dtype
+
+
+def auto_workers(n: int, batch_size: int, device: torch.device) -> int:
+    """Loader processes sized to the cores inference leaves: on CPU the tower takes the cores and decode is
+    ~1/8 of the work, so one worker per 8 cores (at least one) overlaps decode with inference; a GPU needs
+    every core but one for decoding. Small jobs stay in-process (forking costs more than it saves)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _, world, _ = launched_world()
+    cores = max(1, cores // max(1, world)) if device.type == "cpu" else cores
+    if n < 2 * batch_size or cores < 2:
+        return 0
+    if device.type == "cuda":
+        return min(16, cores - 1)
+    return max(1, cores // 8)
 
 
 def _sample_signature(samples: list[Sample]) -> list:
@@ -124,22 +149,30 @@ def _sample_signature(samples: list[Sample]) -> list:
 
 def _run_tower(backbone: VisionLanguageBackbone, dataset: ImageDataset, samples: list[Sample],
                transform: Callable, fn: Callable[[torch.Tensor], torch.Tensor], opts: ExtractOptions,
-               seed: int | None, desc: str) -> tuple[list[int], torch.Tensor]:
+               seed: int | None, desc: str,
+               reference: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[list[int], torch.Tensor, dict]:
+    """Run ``fn`` over ``samples``; returns kept row indices, outputs, and (with ``reference``) the fidelity
+    of ``fn`` against the exact tower on the first batch."""
     device = backbone.device
     dtype = _resolve_dtype(opts.dtype, device)
+    autocast = isinstance(dtype, torch.dtype) and dtype != torch.float32 and device.type != "cpu"
     if opts.decode == "tensor":
         if seed is not None:
-            raise ValueError("augmented views need decode='pil' (the random crops run on PIL images)")
+            raise UsageError("augmented views need decode='pil' (the random crops run on PIL images)",
+                             hint="drop --augment-views or use the PIL decode path")
         transform = None
     elif opts.decode != "pil":
-        raise ValueError(f"decode must be 'pil' or 'tensor', got {opts.decode!r}")
+        raise UsageError(f"decode must be 'pil' or 'tensor', got {opts.decode!r}", hint="use decode='pil' or 'tensor'")
+    workers = auto_workers(len(samples), opts.batch_size, device) if opts.num_workers is None else opts.num_workers
     loader = DataLoader(_Rows(dataset, samples, transform, seed, opts.skip_corrupt), batch_size=opts.batch_size,
-                        shuffle=False, num_workers=opts.num_workers, collate_fn=_collate,
+                        shuffle=False, num_workers=workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if workers else None,
                         generator=torch.Generator().manual_seed(0))  # its base seed never draws from the caller's RNG
     kept: list[int] = []
     outputs: list[torch.Tensor] = []
     skipped: list[str] = []
+    fidelity: dict = {}
     bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not opts.progress, leave=False)
     with torch.inference_mode():
         for idx, pixels, errors in loader:
@@ -151,9 +184,12 @@ def _run_tower(backbone: VisionLanguageBackbone, dataset: ImageDataset, samples:
                     images = decode_batch([b for b, _ in pixels], [p for _, p in pixels], device)
                     pixels = preprocess_batch(images, backbone.image_size, backbone.mean, backbone.std)
                 pixels = pixels.to(device, non_blocking=True)
-                pixels = pixels.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                with torch.autocast(device.type, dtype=dtype if autocast else torch.bfloat16, enabled=autocast):
                     out = fn(pixels)
+                if reference is not None and not fidelity:
+                    from .engines.onnx import compare
+
+                    fidelity = compare(out, reference(pixels))
                 outputs.append(out.float().cpu())
                 kept.extend(idx.tolist())
             bar.update(len(idx) + len(errors))
@@ -161,36 +197,157 @@ def _run_tower(backbone: VisionLanguageBackbone, dataset: ImageDataset, samples:
     for msg in skipped:
         warnings.warn(f"skipped unreadable image: {msg}", stacklevel=2)
     if not outputs:
-        raise DatasetError(f"no readable images among {len(samples)} samples of {dataset.name}")
-    return kept, torch.cat(outputs)
+        raise DatasetError(f"no readable images among {len(samples)} samples of {dataset.name}",
+                           hint="check the dataset folder; every image failed to decode")
+    return kept, torch.cat(outputs), fidelity
 
 
-def _cached(path: Path, compute: Callable[[], tuple[list[str], dict[str, torch.Tensor]]],
-            meta: dict) -> tuple[list[str], dict[str, torch.Tensor], bool]:
-    """Load ``path`` if present, else compute and write it atomically. Returns (ids, tensors, hit)."""
+# ---------------------------------------------------------------------------------------------- cache entries
+class _Unusable(Exception):
+    """A cache entry that exists but cannot be trusted (the message says why)."""
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _tensor_record(tensors: dict[str, torch.Tensor]) -> dict:
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": tensor_digest(v)}
+            for k, v in sorted(tensors.items())}
+
+
+def _load_entry(path: Path, meta: dict) -> tuple[list[str], dict[str, torch.Tensor], dict]:
+    """Read an entry and check it against its record: the key it was written for, ids, shapes, dtypes and a
+    content digest of every tensor. Raises `_Unusable` naming the first mismatch."""
     side = path.with_suffix(".json")
-    if path.is_file():
-        try:
-            tensors = load_file(str(path))
-            with open(side) as fh:
-                ids = json.load(fh)["ids"]
-            if any(t.shape[0] != len(ids) for t in tensors.values()):
-                raise ValueError(f"{len(ids)} ids for {[tuple(t.shape) for t in tensors.values()]} rows")
-            return ids, tensors, True
-        except Exception as exc:  # a damaged cache entry is recomputed, never trusted
-            warnings.warn(f"ignoring unreadable feature cache {path}: {exc!r}", stacklevel=3)
-    ids, tensors = compute()
+    try:
+        record = json.loads(side.read_text())
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise _Unusable(f"unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("ids"), list):
+        raise _Unusable("its record has no id list")
+    if record.get("meta") != json.loads(json.dumps(meta, default=str)):
+        raise _Unusable("its record was written for another key (backbone, data, samples or options)")
+    expected = record.get("tensors")
+    if not isinstance(expected, dict):
+        raise _Unusable("its record has no tensor digests (written by an older xmodal)")
+    if set(expected) != set(tensors):
+        raise _Unusable(f"tensors {sorted(tensors)} do not match the recorded {sorted(expected)}")
+    ids = record["ids"]
+    for name, t in tensors.items():
+        want = expected[name]
+        if list(t.shape) != want.get("shape") or str(t.dtype) != want.get("dtype"):
+            raise _Unusable(f"tensor {name!r} is {str(t.dtype)} {list(t.shape)}, recorded "
+                            f"{want.get('dtype')} {want.get('shape')}")
+        if t.shape[0] != len(ids):
+            raise _Unusable(f"{len(ids)} ids for {t.shape[0]} rows of {name!r}")
+        if tensor_digest(t) != want.get("sha256"):
+            raise _Unusable(f"tensor {name!r} does not match its recorded SHA-256 (contents replaced)")
+    return ids, tensors, record.get("info", {})
+
+
+def _write_entry(path: Path, ids: list[str], tensors: dict[str, torch.Tensor], meta: dict, info: dict) -> None:
+    """Tensors first, then the record naming them; a failure in either leaves no entry behind."""
+    side = path.with_suffix(".json")
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:  # tensors first, then the id list; a failure in either leaves no entry behind
+    try:
         with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            save_file(tensors, str(tmp))
         with atomic_path(side) as tmp:
-            tmp.write_text(json.dumps({"ids": ids, "meta": meta}))
+            tmp.write_text(json.dumps({"ids": ids, "meta": meta, "tensors": _tensor_record(tensors), "info": info},
+                                      default=str))
     except BaseException:
         for p in (path, side):
             p.unlink(missing_ok=True)
         raise
-    return ids, tensors, False
+
+
+def _try_load(path: Path, meta: dict, what: str = "feature cache") -> tuple[list[str], dict, dict] | None:
+    if not path.is_file():
+        return None
+    try:
+        return _load_entry(path, meta)
+    except _Unusable as exc:  # a damaged or mismatched entry is recomputed, never trusted
+        warnings.warn(f"recomputing {what} entry {path}: {exc}", stacklevel=4)
+        return None
+
+
+def _merge_info(infos: list[dict]) -> dict:
+    """Shard infos -> one: the same engine, fidelity pooled over the shards' probe batches."""
+    infos = [i for i in infos if i]
+    if not infos:
+        return {}
+    out = dict(infos[0])
+    fids = [i["fidelity"] for i in infos if i.get("fidelity")]
+    if fids:
+        n = sum(f["n"] for f in fids)
+        out["fidelity"] = {"cos_mean": sum(f["cos_mean"] * f["n"] for f in fids) / n,
+                           "cos_min": min(f["cos_min"] for f in fids),
+                           "max_abs_diff": max(f["max_abs_diff"] for f in fids), "n": n}
+    return out
+
+
+Compute = Callable[[int, int], tuple[list[str], dict[str, torch.Tensor], dict]]
+
+
+def _cached(path: Path, compute: Compute, meta: dict, n: int, batch_size: int,
+            shard: Shard | None = None) -> tuple[list[str], dict[str, torch.Tensor], dict, bool]:
+    """Load ``path`` if present and verified, else compute rows [0, n) and write it atomically.
+
+    ``compute(lo, hi)`` embeds samples[lo:hi]. With a ``shard``, each rank computes its block of whole
+    batches into its own shard file (atomic, verified, reused by a rerun), and rank 0 merges them into
+    the same entry one process would write. Returns (ids, tensors, info, hit).
+    """
+    hit = _try_load(path, meta)
+    if hit is not None:
+        return (*hit, True)
+    if shard is None:
+        ids, tensors, info = compute(0, n)
+        _write_entry(path, ids, tensors, meta, info)
+        return ids, tensors, info, False
+    folder = path.parent / "shards" / path.stem
+
+    def shard_path(rank: int) -> Path:
+        return folder / f"rank{rank}-of{shard.world}-b{batch_size}.safetensors"
+
+    def shard_meta(rank: int) -> dict:
+        lo, hi = Shard(rank, shard.world).batch_range(n, batch_size)
+        return {**meta, "shard": [rank, shard.world, batch_size, lo, hi]}
+
+    mine = shard_path(shard.rank)
+    if _try_load(mine, shard_meta(shard.rank), "feature shard") is None:  # a finished shard is reused as is
+        lo, hi = shard.batch_range(n, batch_size)
+        ids, tensors, info = compute(lo, hi) if hi > lo else ([], {}, {})
+        if ids:
+            _write_entry(mine, ids, tensors, shard_meta(shard.rank), info)
+        else:  # an empty block (more ranks than batches): an empty marker so rank 0 knows it is done
+            _write_entry(mine, [], {"x": torch.zeros(0)}, shard_meta(shard.rank), {})
+    shard.barrier()
+    if shard.is_main:
+        parts = []
+        for rank in range(shard.world):
+            loaded = _try_load(shard_path(rank), shard_meta(rank), "feature shard")
+            if loaded is None:
+                raise ResourceError(f"feature shard of rank {rank} is missing under {folder}",
+                                    hint="with several nodes, --cache-dir must be on a filesystem all nodes share")
+            parts.append(loaded)
+        parts = [p for p in parts if p[0]]
+        ids = [i for p in parts for i in p[0]]
+        tensors = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+        _write_entry(path, ids, tensors, meta, _merge_info([p[2] for p in parts]))
+        shutil.rmtree(folder, ignore_errors=True)
+    shard.barrier()
+    loaded = _try_load(path, meta)
+    if loaded is None:
+        raise ResourceError(f"merged feature entry {path} is not readable on rank {shard.rank}",
+                            hint="with several nodes, --cache-dir must be on a filesystem all nodes share")
+    return (*loaded, False)
 
 
 def _key_meta(backbone: VisionLanguageBackbone, dataset: ImageDataset, split: str, samples: list[Sample],
@@ -217,37 +374,104 @@ def _pipeline(backbone: VisionLanguageBackbone, decode: str) -> str:
     return describe(backbone.preprocess)
 
 
+def _dtype_key(dtype: torch.dtype | str, device: torch.device, calib: list[Sample]) -> dict:
+    """Key fields of the numeric mode. fp32 keeps the historical key (both exact engines share it)."""
+    if dtype == "int8":
+        from .engines.int8 import INT8_RECIPE
+
+        return {"dtype": "int8", "int8": INT8_RECIPE, "calibration": _calibration_id(calib)}
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return {"dtype": str(dtype), "bf16": "cpu-autocast"}
+    return {"dtype": str(dtype)}
+
+
+def _tower(backbone: VisionLanguageBackbone, tower: str, dtype: torch.dtype | str, dataset: ImageDataset,
+           calib: list[Sample], cache_dir: str | Path) -> tuple[Callable, Callable | None, dict]:
+    """(function to run, exact reference for the fidelity probe or None, info recorded with the entry)."""
+    exact = backbone.encode_images if tower == "image" else backbone.image_tokens
+    if dtype == "int8":
+        from .engines.int8 import int8_tower
+
+        def calib_pixels() -> torch.Tensor:
+            return torch.stack([backbone.preprocess(dataset.load_image(s)) for s in calib])
+
+        run = int8_tower(backbone, tower, cache_dir, calib_pixels, _calibration_id(calib))
+        return run, exact, {"engine": "onnx-int8"}
+    if dtype == torch.bfloat16 and backbone.device.type == "cpu":
+        from .engines.bf16 import bf16_tower
+
+        run = bf16_tower(backbone, tower)
+        return run, exact, {"engine": run.describe()}
+    return exact, None, {"engine": backbone.active_engine(tower)}
+
+
+def _calibration_samples(dataset: ImageDataset, samples: list[Sample], k: int = 64) -> list[Sample]:
+    """Images that calibrate the int8 activation ranges: ``k`` evenly spaced images of the dataset's train
+    split (so every split of a dataset is embedded by the same quantised model), else of ``samples``.
+    Labels are never read."""
+    pool = dataset.samples("train") if "train" in dataset.splits() else samples
+    step = max(1, len(pool) // k)
+    return pool[::step][:k]
+
+
+def _calibration_id(calib: list[Sample]) -> str:
+    return stable_hash(_sample_signature(calib), 24)
+
+
+def _report_fidelity(info: dict, what: str, progress: bool) -> None:
+    fid = info.get("fidelity")
+    if fid and progress:
+        tqdm.write(f"{what}: {info.get('engine')} vs exact fp32 on {fid['n']} images: cosine mean "
+                   f"{fid['cos_mean']:.5f} / min {fid['cos_min']:.5f}", file=sys.stderr)
+
+
 def extract_features(backbone: VisionLanguageBackbone, dataset: ImageDataset, split: str, *,
                      samples: list[Sample] | None = None, augment_views: int = 0, augment_seed: int = 0,
                      cache_dir: str | Path = DEFAULT_CACHE_DIR, batch_size: int = 64, device: str | None = None,
-                     dtype: str | torch.dtype | None = None, num_workers: int = 0, skip_corrupt: bool = False,
-                     progress: bool = True, decode: str = "pil") -> FeatureSet:
+                     dtype: str | torch.dtype | None = None, num_workers: int | None = None,
+                     skip_corrupt: bool = False, progress: bool = True, decode: str = "pil",
+                     shard: bool | None = None) -> FeatureSet:
     """Embeddings of ``samples`` (default: the whole split), plus ``augment_views`` augmented views.
 
     Eval features use ``backbone.preprocess``; views use ``backbone.augment_preprocess()`` with a seed per
     (augment_seed, view, sample id), so they are reproducible and independent of batching or workers.
     ``decode="tensor"`` decodes JPEGs with torchvision on the backbone's device (batched nvJPEG on GPU)
     for the eval features; it is a distinct preprocessing pipeline with its own cache key.
+    ``dtype``: fp32 (exact, default), bf16 (GPU autocast; on CPU autocast + torch.compile), fp16 (GPU),
+    int8 (CPU, ONNX Runtime static QDQ with the first layers in fp32); the reduced modes have their own
+    cache keys and record their fidelity against fp32. ``num_workers=None`` sizes the loader to the cores
+    left by inference. Under ``accelerate launch`` / ``torchrun`` each rank embeds a shard and rank 0
+    merges them (``shard=False`` turns that off).
     """
     opts = ExtractOptions(cache_dir, batch_size, device, dtype, num_workers, skip_corrupt, progress, decode)
+    ranks = current_shard(shard)
     if device is not None:
         backbone.to(device)
+    elif ranks is not None and backbone.device.type == "cuda" and backbone.device.index is None:
+        backbone.to(f"cuda:{ranks.local_rank}")  # one GPU per rank on each node
     samples = dataset.samples(split) if samples is None else samples
     if not samples:
-        raise DatasetError(f"no samples to embed in {dataset.name}/{split}")
+        raise DatasetError(f"no samples to embed in {dataset.name}/{split}", hint="check the split name and folder")
     dt = _resolve_dtype(dtype, backbone.device)
     root = Path(cache_dir) / "features"
-    by_index = {i: s for i, s in enumerate(samples)}
+    calib = _calibration_samples(dataset, samples) if dt == "int8" else []
 
     def embed(transform, seed, desc):
-        def compute():
-            kept, out = _run_tower(backbone, dataset, samples, transform, backbone.encode_images, opts, seed, desc)
-            return [by_index[i].id for i in kept], {"x": out}
+        def compute(lo: int, hi: int):
+            fn, ref, info = _tower(backbone, "image", dt, dataset, calib, cache_dir)
+            part = samples[lo:hi]
+            kept, out, fidelity = _run_tower(backbone, dataset, part, transform, fn, opts, seed, desc, ref)
+            if fidelity:
+                info = {**info, "fidelity": fidelity}
+            return [part[i].id for i in kept], {"x": out}, info
         return compute
 
     meta = _key_meta(backbone, dataset, split, samples, _pipeline(backbone, decode), "eval", dt, skip_corrupt)
-    ids, tensors, _ = _cached(root / f"{stable_hash(meta)}.safetensors",
-                              embed(backbone.preprocess, None, f"embed {dataset.name}/{split}"), meta)
+    meta.update(_dtype_key(dt, backbone.device, calib))
+    ids, tensors, info, _ = _cached(root / f"{stable_hash(meta)}.safetensors",
+                                    embed(backbone.preprocess, None, f"embed {dataset.name}/{split}"), meta,
+                                    len(samples), batch_size, ranks)
+    _report_fidelity(info, f"{dataset.name}/{split}", progress)
     feats = tensors["x"]
     views = None
     if augment_views > 0:
@@ -257,39 +481,54 @@ def extract_features(backbone: VisionLanguageBackbone, dataset: ImageDataset, sp
         for v in range(augment_views):
             # same key fields as the eval entry (sample signature computed once), other pipeline and view
             vmeta = {**meta, "kind": "augment", "pipeline": describe(aug), "view": v, "augment_seed": augment_seed}
-            vids, vt, _ = _cached(root / f"{stable_hash(vmeta)}.safetensors",
-                                  embed(aug, augment_seed * 1000 + v, f"view {v + 1}/{augment_views}"), vmeta)
+            vids, vt, _, _ = _cached(root / f"{stable_hash(vmeta)}.safetensors",
+                                     embed(aug, augment_seed * 1000 + v, f"view {v + 1}/{augment_views}"), vmeta,
+                                     len(samples), batch_size, ranks)
             if vids != ids:  # only possible when corrupt images were skipped
-                raise DatasetError("augmented views and eval features cover different images; "
-                                   "remove the unreadable files instead of skipping them")
+                raise DatasetError("augmented views and eval features cover different images",
+                                   hint="remove the unreadable files instead of skipping them")
             per_view.append(vt["x"])
         views = torch.stack(per_view)
     id_to_label = {s.id: s.label for s in samples}
     return FeatureSet(features=feats, labels=torch.tensor([id_to_label[i] for i in ids], dtype=torch.long),
                       ids=ids, classnames=list(dataset.classnames), views=views,
                       meta={**meta, "augment_views": augment_views, "augment_seed": augment_seed,
-                            "stand_in": backbone.is_stand_in})
+                            "stand_in": backbone.is_stand_in, "engine": info.get("engine"),
+                            "fidelity": info.get("fidelity")})
 
 
 def extract_tokens(backbone: VisionLanguageBackbone, dataset: ImageDataset, split: str, *,
                    samples: list[Sample] | None = None, cache_dir: str | Path = DEFAULT_CACHE_DIR,
                    batch_size: int = 64, device: str | None = None, dtype: str | torch.dtype | None = None,
-                   num_workers: int = 0, skip_corrupt: bool = False, progress: bool = True,
-                   token_dtype: torch.dtype = torch.float16) -> tuple[list[str], torch.Tensor]:
-    """Patch/spatial tokens (N, T, token_dim) of ``samples`` (for the X-adapter V-expert), cached."""
+                   num_workers: int | None = None, skip_corrupt: bool = False, progress: bool = True,
+                   token_dtype: torch.dtype = torch.float16, shard: bool | None = None) -> tuple[list[str], torch.Tensor]:
+    """Patch/spatial tokens (N, T, token_dim) of ``samples`` (for the X-adapter V-expert), cached; sharded
+    under a multi-process launcher like `extract_features`."""
     opts = ExtractOptions(cache_dir, batch_size, device, dtype, num_workers, skip_corrupt, progress)
+    ranks = current_shard(shard)
     if device is not None:
         backbone.to(device)
+    elif ranks is not None and backbone.device.type == "cuda" and backbone.device.index is None:
+        backbone.to(f"cuda:{ranks.local_rank}")
     samples = dataset.samples(split) if samples is None else samples
+    if not samples:
+        raise DatasetError(f"no samples to embed in {dataset.name}/{split}", hint="check the split name and folder")
     dt = _resolve_dtype(dtype, backbone.device)
     meta = _key_meta(backbone, dataset, split, samples, describe(backbone.preprocess), "tokens", dt, skip_corrupt,
                      token_dtype=str(token_dtype))
-    by_index = {i: s for i, s in enumerate(samples)}
+    calib = _calibration_samples(dataset, samples) if dt == "int8" else []
+    meta.update(_dtype_key(dt, backbone.device, calib))
 
-    def compute():
-        kept, out = _run_tower(backbone, dataset, samples, backbone.preprocess, backbone.image_tokens, opts, None,
-                               f"tokens {dataset.name}/{split}")
-        return [by_index[i].id for i in kept], {"x": out.to(token_dtype)}
+    def compute(lo: int, hi: int):
+        fn, ref, info = _tower(backbone, "tokens", dt, dataset, calib, cache_dir)
+        part = samples[lo:hi]
+        kept, out, fidelity = _run_tower(backbone, dataset, part, backbone.preprocess, fn, opts, None,
+                                         f"tokens {dataset.name}/{split}", ref)
+        if fidelity:
+            info = {**info, "fidelity": fidelity}
+        return [part[i].id for i in kept], {"x": out.to(token_dtype)}, info
 
-    ids, tensors, _ = _cached(Path(cache_dir) / "features" / f"{stable_hash(meta)}.safetensors", compute, meta)
+    ids, tensors, info, _ = _cached(Path(cache_dir) / "features" / f"{stable_hash(meta)}.safetensors", compute,
+                                    meta, len(samples), batch_size, ranks)
+    _report_fidelity(info, f"tokens {dataset.name}/{split}", progress)
     return ids, tensors["x"]

@@ -18,8 +18,17 @@ KNOWN_SPECS = {
 }
 
 
-def load_backbone(spec: str, device: str = "cpu", cache_dir: str | None = None) -> VisionLanguageBackbone:
-    """Build the backbone named by ``spec`` and move it to ``device``."""
+def load_backbone(spec: str, device: str = "cpu", cache_dir: str | None = None,
+                  engine: str | None = None) -> VisionLanguageBackbone:
+    """Build the backbone named by ``spec`` and move it to ``device``.
+
+    ``engine``: ``"auto"`` (default; ``$XMODAL_ENGINE`` when set) runs the image towers through an exact
+    ONNX Runtime export on CPU where that is faster, PyTorch elsewhere; ``"torch"`` or ``"onnx"`` force one.
+    Exports are cached under ``cache_dir/onnx`` (default ``$XMODAL_CACHE`` or ``.xmodal-cache``).
+    """
+    from ..engines import resolve_engine
+
+    engine = resolve_engine(engine)  # a bad value fails before any weights load
     kind, _, rest = spec.partition(":")
     if kind == "tiny":
         from .tiny import TinyClip
@@ -39,10 +48,10 @@ def load_backbone(spec: str, device: str = "cpu", cache_dir: str | None = None) 
 
         backbone = HFClipBackbone(spec=spec, target=rest)
     else:
-        raise ValueError(
-            f"unknown backbone spec {spec!r}. Known forms: " + "; ".join(KNOWN_SPECS)
-        )
-    return backbone.to(device)
+        from ..errors import UnknownBackboneError
+
+        raise UnknownBackboneError(f"unknown backbone spec {spec!r}. Known forms: " + "; ".join(KNOWN_SPECS))
+    return backbone.set_engine(engine, cache_dir).to(device)
 
 
 __all__ = ["VisionLanguageBackbone", "load_backbone", "KNOWN_SPECS"]

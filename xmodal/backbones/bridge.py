@@ -127,13 +127,11 @@ class BridgeBackbone(VisionLanguageBackbone):
     def augment_preprocess(self):
         return augment_transform(_IMAGE_SIZE, _MEAN, _STD)
 
-    @torch.inference_mode()
-    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         fmap = self.image_model.forward_features(pixels.to(self.device))  # (N, 1280, 7, 7)
         return fmap.flatten(2).transpose(1, 2)
 
-    @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         fmap = self.image_model.forward_features(pixels.to(self.device))
         return F.normalize(fmap.mean(dim=(2, 3)).float(), dim=-1)
 

@@ -60,14 +60,12 @@ class HFClipBackbone(VisionLanguageBackbone):
     def augment_preprocess(self):
         return augment_transform(self.image_size, self.mean, self.std)
 
-    @torch.inference_mode()
-    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model.vision_model(pixel_values=pixels.to(self.device))
         tokens = self.model.vision_model.post_layernorm(out.last_hidden_state)
         return self.model.visual_projection(tokens).float()
 
-    @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model.vision_model(pixel_values=pixels.to(self.device))
         return F.normalize(self.model.visual_projection(out.pooler_output).float(), dim=-1)
 

@@ -65,12 +65,10 @@ class OpenClipBackbone(VisionLanguageBackbone):
     def augment_preprocess(self):
         return augment_transform(self.image_size, self.mean, self.std)
 
-    @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.encode_image(pixels.to(self.device)).float(), dim=-1)
 
-    @torch.inference_mode()
-    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         visual = self.model.visual
         pixels = pixels.to(self.device)
         if hasattr(visual, "output_tokens") and hasattr(visual, "proj"):

@@ -22,6 +22,7 @@ class TinyClip(VisionLanguageBackbone):
     """Conv image tower (32 px, 4x4 spatial tokens) and hashed bag-of-words text tower, dim 32."""
 
     is_stand_in = True
+    prefers_onnx = False  # too small for ONNX Runtime to pay for its export; engine="onnx" still works
     mean, std = _MEAN, _STD
 
     def __init__(self, spec: str = "tiny:clip", seed: int = 0, dim: int = 32, image_size: int = 32,
@@ -51,14 +52,12 @@ class TinyClip(VisionLanguageBackbone):
     def modules(self) -> list[nn.Module]:
         return [self.image_net, self.word_emb]
 
-    @torch.inference_mode()
-    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         fmap = self.image_net(pixels.to(self.device))  # (N, dim, 4, 4)
         return fmap.flatten(2).transpose(1, 2).float()
 
-    @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_tokens(pixels).mean(1), dim=-1)
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self._image_tokens(pixels).mean(1), dim=-1)
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = [[_word_id(w, self.vocab) for w in re.findall(r"\w+", t.lower())] or [0] for t in texts]
