@@ -66,10 +66,8 @@ def open_rgb(path: str) -> Image.Image:
     except FileNotFoundError:
         raise CorruptImageError(f"image file not found: {path}") from None
     except Exception as exc:  # PIL raises several types for broken files
-        raise CorruptImageError(
-            f"cannot decode image {path}: {exc}. Remove or replace the file, or pass --skip-corrupt "
-            "to skip unreadable images with a warning."
-        ) from exc
+        # the message names the file; which option skips such files depends on the command (its hint says)
+        raise CorruptImageError(f"cannot decode image {path}: {exc}") from exc
 
 
 ImageLoader = Callable[[Sample], Image.Image]
