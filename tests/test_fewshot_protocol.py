@@ -12,9 +12,10 @@ from xmodal.fewshot import FewShotMethod, available_methods, create_method
 from xmodal.fewshot._synthetic import make_task
 
 # small, fast settings for the trained methods; defaults elsewhere
-FAST = {"tip-adapter-f": {"epochs": 5}, "xmadapter": {"epochs": 5}, "clip-adapter": {"epochs": 5}}
+FAST = {"tip-adapter-f": {"epochs": 5}, "xmadapter": {"epochs": 5}, "clip-adapter": {"epochs": 5},
+        "ape-t": {"epochs": 5}, "lp++": {"epochs": 30}}
 EXPECTED = {"zeroshot", "linear-probe", "tip-adapter", "tip-adapter-f", "clip-adapter", "gda", "xmadapter",
-            "xmadapter-tf"}
+            "xmadapter-tf", "ape", "ape-t", "lp++"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
