@@ -176,3 +176,19 @@ def test_malformed_description_is_a_clear_error(fitted, data, tmp_path):
         (out / CONFIG_FILE).write_text(json.dumps(broken))
         with pytest.raises(InputError):
             FewShotClassifier.load(out, device="cpu", cache_dir=cache)
+
+
+def test_failed_save_leaves_the_previous_folder_and_no_temp(fitted, tmp_path, monkeypatch):
+    import xmodal.classifier.artefact as artefact
+
+    out = fitted.save(tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artefact, "file_digest", boom)       # fails after the tensors were written
+    with pytest.raises(OSError):
+        fitted.save(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
