@@ -269,8 +269,8 @@ class FewShotClassifier:
                    f"given is {bb.spec} (fingerprint {bb.fingerprint()})")
             if not force:
                 raise CacheMismatchError(msg, hint="load it with the backbone it was fitted with, refit it on this "
-                                                   "backbone, or pass force=True (xmodal predict --force) to use it anyway (predictions will "
-                                                   "be wrong if the embedding spaces differ)")
+                                                   "backbone, or pass force=True (xmodal predict --force) to use "
+                                                   "it anyway (predictions are wrong if the embedding spaces differ)")
             warnings.warn(msg + "; loading anyway because force=True", stacklevel=2)
         method = FewShotMethod.from_state(tensors, method_doc["state"], device=dev)
         clf = cls(backbone=spec, method=method_doc["name"], shots=info.get("dataset", {}).get("shots"),
