@@ -29,9 +29,17 @@ class Shard:
         return min(n, first * batch_size), min(n, last * batch_size)
 
     def barrier(self) -> None:
+        """Wait for every rank; a rank that died turns into one clear error here (gloo sees the closed peer)."""
         import torch.distributed as dist
 
-        dist.barrier()
+        from .errors import ResourceError
+
+        try:
+            dist.barrier()
+        except RuntimeError as exc:
+            raise ResourceError(f"rank {self.rank}: another rank of this {self.world}-process extraction failed "
+                                f"({str(exc).splitlines()[0][:160]})",
+                                hint="fix that rank's error and rerun the same command: finished shards are reused") from exc
 
 
 def _env_int(name: str, default: int) -> int:

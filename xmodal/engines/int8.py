@@ -1,5 +1,7 @@
-"""Opt-in int8 on CPU: ONNX Runtime static quantisation (QDQ) of the exact fp32 export, with the first
-layers kept in fp32 (they carry the most quantisation error for the least time).
+"""Opt-in int8 on CPU: ONNX Runtime static quantisation (QDQ) of the exact fp32 export, of the
+convolutions and matrix products only (pooling, residual adds and the final normalisation stay fp32:
+quantising them too dropped the offline default's cosine to fp32 from 0.992 to 0.907 on CIFAR-10), with
+the first layers kept in fp32 (they carry the most quantisation error for the least time).
 
 It changes the numbers, so its features have their own cache key; the quantised graph is keyed by the
 backbone fingerprint, tower, recipe and the calibration images, cached beside the fp32 export with a
@@ -26,8 +28,8 @@ from .onnx import EngineUnavailable, OnnxTower, _session, load_or_export
 if TYPE_CHECKING:
     from ..backbones.base import VisionLanguageBackbone
 
-INT8_RECIPE = {"format": "qdq", "weights": "int8 per-channel", "activations": "uint8", "calibration": "minmax",
-               "fp32_first": 9, "calib_images": 64, "version": 1}
+INT8_RECIPE = {"format": "qdq", "ops": ["Conv", "MatMul", "Gemm"], "weights": "int8 per-channel",
+               "activations": "uint8", "calibration": "minmax", "fp32_first": 9, "calib_images": 64, "version": 2}
 
 
 def _first_nodes(model_path: Path, k: int) -> list[str]:
@@ -35,7 +37,8 @@ def _first_nodes(model_path: Path, k: int) -> list[str]:
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [n.name for n in graph.node if n.op_type in {"Conv", "MatMul", "Gemm"}][:k]
+    heavy = [n.name for n in graph.node if n.op_type in {"Conv", "MatMul", "Gemm"}]
+    return heavy[:min(k, len(heavy) // 4)]  # a tiny model keeps most of its few layers quantised
 
 
 def _quantize(fp32_path: Path, target: Path, pixels: torch.Tensor, input_name: str) -> None:
@@ -57,7 +60,7 @@ def _quantize(fp32_path: Path, target: Path, pixels: torch.Tensor, input_name: s
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
+                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=INT8_RECIPE["ops"],
                         nodes_to_exclude=_first_nodes(prepared, INT8_RECIPE["fp32_first"]),
                         extra_options={"CalibTensorRangeSymmetric": False})
 
