@@ -65,8 +65,13 @@ def features(
     cache_dir: str = cache_dir_option(),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 ... or auto."),
-    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (half precision only on GPU)."),
-    workers: int = typer.Option(0, help="Data-loader worker processes."),
+    engine: Optional[str] = typer.Option(None, help="auto (exact ONNX Runtime export on CPU where faster, else "
+                                          "PyTorch), torch or onnx. Default: $XMODAL_ENGINE, else auto."),
+    dtype: str = typer.Option("fp32", help="fp32 (exact), bf16 (GPU autocast; CPU autocast + compile), fp16 (GPU) "
+                                           "or int8 (CPU, ONNX Runtime); reduced modes have their own cache "
+                                           "entries and print their fidelity to fp32."),
+    workers: Optional[int] = typer.Option(None, help="Data-loader worker processes (default: sized to the cores "
+                                                     "inference leaves)."),
     skip_corrupt: bool = typer.Option(False, help="Skip unreadable images with a warning instead of failing."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
@@ -76,7 +81,7 @@ def features(
     from .features import extract_features
 
     t0 = time.perf_counter()
-    bb = load_backbone(backbone, device=resolve_device(device), cache_dir=cache_dir)
+    bb = load_backbone(backbone, device=resolve_device(device), cache_dir=cache_dir, engine=engine)
     ds = load_dataset(data)
     t1 = time.perf_counter()
     fs = extract_features(bb, ds, split, augment_views=augment_views, augment_seed=augment_seed,
@@ -85,12 +90,19 @@ def features(
     t2 = time.perf_counter()
     out = {"backbone": bb.name, "fingerprint": bb.fingerprint(), "dataset": ds.name, "split": split,
            "n": len(fs), "dim": fs.dim, "augment_views": augment_views, "load_seconds": round(t1 - t0, 3),
-           "extract_seconds": round(t2 - t1, 3), "cache_dir": cache_dir}
+           "extract_seconds": round(t2 - t1, 3), "cache_dir": cache_dir,
+           "engine": fs.meta.get("engine"), "dtype": fs.meta.get("dtype"), "fidelity": fs.meta.get("fidelity")}
+    from .shards import is_main_process
+
+    if not is_main_process():  # under accelerate/torchrun, rank 0 reports for all
+        return
     if as_json:
         emit_json(out)
     else:
+        fid = out["fidelity"]
         typer.echo(f"{out['n']} x {out['dim']} features of {ds.name}/{split} with {bb.name} "
-                   f"in {out['extract_seconds']:.2f} s (cache: {cache_dir})")
+                   f"in {out['extract_seconds']:.2f} s (engine: {out['engine']}; cache: {cache_dir})"
+                   + (f"; cosine to fp32 mean {fid['cos_mean']:.5f} / min {fid['cos_min']:.5f}" if fid else ""))
 
 
 @app.command()
@@ -102,8 +114,12 @@ def zeroshot(
     cache_dir: str = cache_dir_option(),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     device: str = typer.Option("auto", help="cpu, cuda ... or auto."),
-    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (GPU)."),
-    workers: int = typer.Option(0, help="Data-loader worker processes."),
+    engine: Optional[str] = typer.Option(None, help="auto (exact ONNX Runtime export on CPU where faster, else "
+                                          "PyTorch), torch or onnx. Default: $XMODAL_ENGINE, else auto."),
+    dtype: str = typer.Option("fp32", help="fp32 (exact), bf16 (GPU autocast; CPU autocast + compile), fp16 (GPU) "
+                                           "or int8 (CPU, ONNX Runtime)."),
+    workers: Optional[int] = typer.Option(None, help="Data-loader worker processes (default: sized to the cores "
+                                                     "inference leaves)."),
     skip_corrupt: bool = typer.Option(False, help="Skip unreadable images with a warning instead of failing."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
@@ -112,7 +128,7 @@ def zeroshot(
     from .data import load_dataset
     from .zeroshot import evaluate_zeroshot
 
-    bb = load_backbone(backbone, device=resolve_device(device), cache_dir=cache_dir)
+    bb = load_backbone(backbone, device=resolve_device(device), cache_dir=cache_dir, engine=engine)
     ds = load_dataset(data)
     out = evaluate_zeroshot(bb, ds, split, templates.split("|") if templates else None, cache_dir=cache_dir,
                             batch_size=batch_size, dtype=dtype, num_workers=workers, skip_corrupt=skip_corrupt,
