@@ -2,24 +2,28 @@
 
 1. Fit a classifier with the offline default backbone (``bridge:lite0-minilm``, a stand-in for CLIP) on a
    small CIFAR-10 subset and save it (features come from the on-disk cache after the first run).
-2. In process: ``predict_proba`` over the benchmark images (already decoded PIL images, the library's default
-   batch size) — measured before *and* after the served run, so drift from other load shows.
-3. Served: start ``xmodal serve`` (a real uvicorn process on a loopback port), then N concurrent clients post
-   one PNG each per request (multipart) until a fixed number of requests is done (or a time limit passes).
-   Each answer's top-1 is compared with the in-process top-1.
+2. Start ``xmodal serve`` on it (a real uvicorn process on a loopback port) and load the same saved
+   classifier in this process.
+3. ``--rounds`` times, alternating so drifting machine load hits both sides alike:
+   * in process: ``predict_proba`` over ``--requests`` decoded images (the library's default batch size),
+     while the server sits idle;
+   * served: ``--clients`` concurrent httpx clients post one PNG each per request (multipart) until
+     ``--requests`` requests are done (or ``--max-seconds`` pass). Each answer's top-1 is compared with the
+     in-process top-1.
 
-Prints images/s, p50/p95/p99 latency, errors, top-1 disagreements, batch sizes seen by the server, and
-served / in-process throughput. The client runs on the same machine, so its CPU time counts against the
-server; on a shared machine the figures move with other load (say so when quoting them).
+Prints images/s, p50/p95/p99 latency, errors, top-1 disagreements, batch sizes seen by the server, and the
+ratio of served to in-process throughput (median over rounds). The client runs on the same machine, so its
+CPU time counts against the server. On a shared machine wall-clock figures move with other load, so CPU
+time is reported too: images per CPU-second, in process vs served (server + client process), is the
+comparison that other load disturbs least.
 
-    .venv/bin/python benchmarks/serve_load.py                      # 16 clients, 320 requests
-    .venv/bin/python benchmarks/serve_load.py --clients 32 --requests 640 --json
+    .venv/bin/python benchmarks/serve_load.py                      # 16 clients, 3 rounds of 192 requests
+    .venv/bin/python benchmarks/serve_load.py --clients 32 --requests 320 --json
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import io
 import json
 import os
@@ -31,6 +35,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import torch
 from PIL import Image
 
@@ -47,8 +52,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=64, help="distinct test images the requests cycle through")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients")
-    p.add_argument("--requests", type=int, default=320, help="requests in the timed run (one image each)")
-    p.add_argument("--max-seconds", type=float, default=300.0, help="stop the timed run after this long")
+    p.add_argument("--requests", type=int, default=192, help="requests per round (one image each)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating in-process / served rounds")
+    p.add_argument("--max-seconds", type=float, default=300.0, help="stop a served round after this long")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--cache-dir", default=str(ROOT / ".xmodal-cache"))
@@ -81,22 +87,22 @@ def request_images(args: argparse.Namespace) -> list[bytes]:
     return out
 
 
-def in_process(model_dir: Path, images: list[Image.Image], n: int, args: argparse.Namespace) -> tuple[float, list[str]]:
-    """Images/s of ``predict_proba`` on ``n`` decoded images (cycling), after one warm-up call; and the top-1s."""
-    from xmodal.classifier import FewShotClassifier
-
-    clf = FewShotClassifier.load(model_dir, device="cpu", cache_dir=args.cache_dir)
-    top1 = clf.predict(images)  # warm-up and the reference answers
+def in_process_round(clf, images: list[Image.Image], n: int) -> dict:
+    """Wall and CPU time of ``predict_proba`` on ``n`` decoded images (cycling through ``images``)."""
     batch = [images[i % len(images)] for i in range(n)]
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     clf.predict_proba(batch)
-    seconds = time.perf_counter() - t0
-    del clf
-    gc.collect()
-    return n / seconds, top1
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"images_per_s": n / wall, "images_per_cpu_s": n / cpu, "wall_seconds": wall}
 
 
-async def drive(url: str, payloads: list[bytes], top1: list[str], args: argparse.Namespace) -> dict:
+def _cpu_seconds(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+async def served_round(url: str, server: psutil.Process, payloads: list[bytes], top1: list[str],
+                       args: argparse.Namespace) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     disagreements = 0
@@ -128,14 +134,17 @@ async def drive(url: str, payloads: list[bytes], top1: list[str], args: argparse
                 elif r.json()["results"][0]["label"] != top1[k]:
                     disagreements += 1
 
-        t0 = time.perf_counter()
+        server_cpu0, client_cpu0, t0 = _cpu_seconds(server), time.process_time(), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.clients)))
         wall = time.perf_counter() - t0
+        server_cpu, client_cpu = _cpu_seconds(server) - server_cpu0, time.process_time() - client_cpu0
         after = (await client.get("/healthz")).json()
     ok = len(latencies) - sum(1 for e in errors if e.startswith("HTTP"))
     batches = after["batches"] - before["batches"]
-    return {"wall_seconds": wall, "completed": ok, "errors": len(errors), "error_samples": errors[:5],
-            "top1_disagreements": disagreements, "latencies": latencies, "batches": batches,
+    return {"completed": ok, "errors": errors, "disagreements": disagreements, "latencies": latencies,
+            "wall_seconds": wall, "images_per_s": ok / wall,
+            "images_per_cpu_s": ok / (server_cpu + client_cpu) if server_cpu + client_cpu > 0 else float("nan"),
+            "server_cpu_s": server_cpu, "client_cpu_s": client_cpu, "batches": batches,
             "mean_batch": (after["images"] - before["images"]) / batches if batches else 0.0,
             "largest_batch": after["largest_batch"]}
 
@@ -151,34 +160,50 @@ def main() -> int:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from xmodal.classifier import FewShotClassifier
     from xmodal.serve.process import ServerProcess
 
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="xmodal-serve-bench-") as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else Path(tmp) / "model"
         fit_seconds = fit_and_save(args, model_dir)
         payloads = request_images(args)
         images = [Image.open(io.BytesIO(p)).convert("RGB") for p in payloads]
-        before_ips, top1 = in_process(model_dir, images, args.requests, args)
+        clf = FewShotClassifier.load(model_dir, device="cpu", cache_dir=args.cache_dir)
+        top1 = clf.predict(images)  # the reference answers; also warms the model up
         server_args = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                        "--no-access-log", "--log-level", "warning", "--device", "cpu"]
         env = {k: v for k, v in os.environ.items() if k != "XMODAL_API_TOKEN"}
         with ServerProcess(model_dir, server_args, env=env) as server:
-            served = asyncio.run(drive(server.url, payloads, top1, args))
-        after_ips, _ = in_process(model_dir, images, args.requests, args)
+            server_proc = psutil.Process(server.pid)
+            for _ in range(args.rounds):
+                local = in_process_round(clf, images, args.requests)
+                remote = asyncio.run(served_round(server.url, server_proc, payloads, top1, args))
+                rounds.append({"in_process": local, "served": remote})
 
-    served_ips = served["completed"] / served["wall_seconds"]
-    reference = (before_ips + after_ips) / 2
-    lat = served.pop("latencies")
+    lat = [x for r in rounds for x in r["served"].pop("latencies")]
+    errors = [e for r in rounds for e in r["served"].pop("errors")]
+    ratio = [r["served"]["images_per_s"] / r["in_process"]["images_per_s"] for r in rounds]
+    cpu_ratio = [r["served"]["images_per_cpu_s"] / r["in_process"]["images_per_cpu_s"] for r in rounds]
+    med = statistics.median
     result = {
-        "backbone": f"{args.backbone}" + (" (offline stand-in, not CLIP)" if args.backbone.startswith("bridge:") else ""),
+        "backbone": args.backbone + (" (offline stand-in, not CLIP)" if args.backbone.startswith("bridge:") else ""),
         "method": args.method, "shots": args.shots, "data": args.data, "clients": args.clients,
-        "requests": args.requests, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-        "fit_seconds": round(fit_seconds, 2),
-        "served_images_per_s": round(served_ips, 2),
-        "in_process_images_per_s": {"before": round(before_ips, 2), "after": round(after_ips, 2)},
-        "ratio_served_to_in_process": round(served_ips / reference, 3),
+        "requests_per_round": args.requests, "rounds": args.rounds, "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms, "fit_seconds": round(fit_seconds, 2),
+        "served_images_per_s": round(med([r["served"]["images_per_s"] for r in rounds]), 2),
+        "in_process_images_per_s": round(med([r["in_process"]["images_per_s"] for r in rounds]), 2),
+        "ratio_served_to_in_process": round(med(ratio), 3),
+        "ratio_per_round": [round(x, 3) for x in ratio],
+        "cpu_ratio_served_to_in_process": round(med(cpu_ratio), 3),
+        "cpu_ratio_per_round": [round(x, 3) for x in cpu_ratio],
         "latency_ms": {q: round(1000 * percentile(lat, int(q[1:])), 1) for q in ("p50", "p95", "p99")},
-        **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in served.items()},
+        "completed": sum(r["served"]["completed"] for r in rounds), "errors": len(errors), "error_samples": errors[:5],
+        "top1_disagreements": sum(r["served"]["disagreements"] for r in rounds),
+        "mean_batch": round(med([r["served"]["mean_batch"] for r in rounds]), 2),
+        "largest_batch": max(r["served"]["largest_batch"] for r in rounds),
+        "rounds_detail": [{side: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r[side].items()}
+                           for side in ("in_process", "served")} for r in rounds],
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "load_average": [round(x, 2) for x in os.getloadavg()]},
@@ -186,22 +211,25 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"xmodal serve load test — {result['method']} ({args.shots}-shot) on {result['backbone']}, "
-              f"{args.clients} concurrent clients, {served['completed']} requests of one image each")
-        print(f"  served        {served_ips:8.2f} images/s   latency p50 {result['latency_ms']['p50']} ms · "
-              f"p95 {result['latency_ms']['p95']} ms · p99 {result['latency_ms']['p99']} ms")
-        print(f"  in-process    {before_ips:8.2f} images/s before, {after_ips:.2f} after (predict_proba, decoded images)")
-        print(f"  ratio         {result['ratio_served_to_in_process']:.3f} (served / mean in-process; target >= 0.8)")
-        print(f"  errors        {served['errors']}   top-1 disagreements with in-process: "
-              f"{served['top1_disagreements']}")
-        print(f"  batches       {served['batches']} forward passes, mean {served['mean_batch']:.1f} images, "
-              f"largest {served['largest_batch']}")
-        m = result["machine"]
-        print(f"  machine       {m['cpus']} CPUs ({m['cpu']}), torch threads {m['torch_threads']}, "
-              f"load average {m['load_average']} (shared machine: figures move with other load)")
-        for e in served["error_samples"]:
+        r = result
+        print(f"xmodal serve load test — {r['method']} ({args.shots}-shot) on {r['backbone']}, {args.clients} "
+              f"concurrent clients, {args.rounds} rounds x {args.requests} requests of one image each")
+        print(f"  served        {r['served_images_per_s']:8.2f} images/s (median of rounds)   latency p50 "
+              f"{r['latency_ms']['p50']} ms · p95 {r['latency_ms']['p95']} ms · p99 {r['latency_ms']['p99']} ms")
+        print(f"  in-process    {r['in_process_images_per_s']:8.2f} images/s (predict_proba on decoded images)")
+        print(f"  ratio         {r['ratio_served_to_in_process']:.3f} served / in-process images/s "
+              f"(per round {r['ratio_per_round']}; target >= 0.8)")
+        print(f"  CPU ratio     {r['cpu_ratio_served_to_in_process']:.3f} served (server + client) / in-process "
+              f"images per CPU-second (per round {r['cpu_ratio_per_round']})")
+        print(f"  errors        {r['errors']} of {r['completed'] + r['errors']} requests   top-1 disagreements "
+              f"with in-process: {r['top1_disagreements']}")
+        print(f"  batches       mean {r['mean_batch']:.1f} images per forward pass, largest {r['largest_batch']}")
+        m = r["machine"]
+        print(f"  machine       {m['cpus']} CPUs ({m['cpu']}), torch threads {m['torch_threads']}, load average "
+              f"{m['load_average']} (shared machine: wall-clock figures move with other load)")
+        for e in r["error_samples"]:
             print(f"  error sample  {e}", file=sys.stderr)
-    return 0 if served["errors"] == 0 else 1
+    return 0 if not errors else 1
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from .batcher import MicroBatcher, QueueFullError
 from .card import model_card
@@ -190,7 +191,11 @@ async def _read_uploads(request: Request, limits: UploadLimits) -> list[tuple[st
         declared = int(request.headers["content-length"]) if "content-length" in request.headers else None
     except ValueError:
         declared = None
-    body = await read_limited(request.stream(), limits.max_body_bytes, declared)
+    try:
+        body = await read_limited(request.stream(), limits.max_body_bytes, declared)
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected before sending the whole body", "incomplete_body",
+                       "send the complete request") from None
     if media.startswith("image/"):
         if not body:
             raise ApiError(400, "the request body is empty", "empty_body", "send the image bytes as the body")

@@ -79,6 +79,10 @@ class ServerProcess:
                     raise RuntimeError("xmodal serve never answered /healthz:\n" + self.log())
                 time.sleep(0.1)
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
