@@ -694,6 +694,8 @@ CASES: list[Case] = [
     Case("bench-duplicate-seeds", ["bench"], lambda e, t: _bench_grid()(e, t) + ["--seeds", "1,1,2"], 2,
          "more than once"),
     Case("bench-shots-zero", ["bench"], lambda e, t: _bench_grid()(e, t) + ["--shots", "0"], 2, "shots"),
+    Case("bench-shots-larger-than-any-class", ["bench"], lambda e, t: _bench_grid()(e, t) + ["--shots", "1,16"], 2,
+         "no class has 16 training images"),
     Case("bench-shots-not-int", ["bench"], lambda e, t: _bench_grid()(e, t) + ["--shots", "1,x"], 2, "integers"),
     Case("bench-duplicate-datasets", ["bench"],
          lambda e, t: _bench_grid()(e, t) + ["--data", f"imagefolder:{e.folder},imagefolder:{e.folder}"], 2,

@@ -134,6 +134,7 @@ def test_finished_folder_rerun_with_other_options_or_changed_data_recomputes(tmp
     (dict(shots=[0]), "shots must be integers >= 1"),
     (dict(shots="1,x"), "shots: expected comma-separated"),
     (dict(seeds=[]), "at least one"),
+    (dict(shots=[1, 50]), "no class has 50 training images"),
 ])
 def test_bad_grids_fail_before_any_work(tmp_path, data_spec, kwargs, match):
     from xmodal.errors import UsageError

@@ -125,6 +125,9 @@ def test_coop_split_file_errors(tmp_path):
     split.write_text(json.dumps({"train": [["a.jpg", 0, "x"], ["b.jpg", 2, "z"]]}))
     with pytest.raises(DatasetError, match=r"labels \[1\] never appear"):
         load_dataset(f"coop:DTD@{tmp_path}")
+    split.write_text(json.dumps({"train": [["a.jpg", 0, "x"], ["b.jpg", 0, "y"]]}))
+    with pytest.raises(DatasetError, match="label 0 is called both 'x' and 'y'"):
+        load_dataset(f"coop:DTD@{tmp_path}")
     split.write_text(json.dumps({"train": []}))
     with pytest.raises(DatasetError, match="no samples"):
         load_dataset(f"coop:DTD@{tmp_path}")
@@ -428,10 +431,9 @@ def test_sampler_no_val_split_draws_val_from_train_rest(sampler_folder):
 
 
 def test_sampler_with_val_split(tmp_path):
-    root = make_tiny_imagefolder(tmp_path / "v", classes=2, train=6, test=2, val=5, size=4)
+    root = make_tiny_imagefolder(tmp_path / "v", classes=2, train=9, test=2, val=5, size=4)
     ds = load_dataset(f"imagefolder:{root}")
-    with pytest.warns(UserWarning, match="fewer than 8 training images"):
-        sp = fewshot_split(ds, shots=8, seed=0)
+    sp = fewshot_split(ds, shots=8, seed=0)
     assert all(s.id.startswith("train/") for s in sp.support)
     assert all(s.id.startswith("val/") for s in sp.val)
     for c in range(2):
@@ -653,3 +655,20 @@ def test_cifar10_batch_structure_is_checked(tmp_path, payload, match):
     (root / "test_batch").write_bytes(pickle.dumps(payload, protocol=2))
     with pytest.raises(DatasetError, match=match):
         load_dataset(f"cifar10:{root}")
+
+
+def test_shots_no_class_can_supply_are_refused(tmp_path):
+    from xmodal.data import check_shots
+
+    for cls, n in (("a", 5), ("b", 3)):
+        for i in range(n):
+            _png(tmp_path / "train" / cls / f"{i}.png")
+    ds = ImageFolderDataset(tmp_path)
+    with pytest.raises(UsageError, match="no class has 6 training images.*largest has 5") as err:
+        fewshot_split(ds, shots=6, seed=0)
+    assert "--shots 5" in err.value.hint
+    with pytest.raises(UsageError, match="no class has 8"):
+        check_shots(ds, [1, 2, 8, 16])
+    assert set(check_shots(ds, [1, 5])) == {0, 1}
+    with pytest.raises(UsageError):
+        check_shots(ds, [1, -2])

@@ -136,6 +136,11 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
         from ..data import load_dataset
 
         data_l = [load_dataset(d) if isinstance(d, str) else d for d in data_l]
+    if split_fn is _default_split:  # shot counts no class can supply: refused before any weights load
+        from ..data import check_shots
+
+        for d_obj in data_l:
+            check_shots(d_obj, shots_l)
     if isinstance(backbone, str):
         from ..backbones import load_backbone
 

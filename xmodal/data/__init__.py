@@ -16,7 +16,7 @@ from .arrays import load_cifar10_batches, load_digits_dataset, load_fashion_mnis
 from .base import ImageDataset, Sample
 from .coop import COOP_DATASETS, STANDARD_11, CoopDataset
 from .imagefolder import ImageFolderDataset
-from .sampler import FewShotSplit, fewshot_split
+from .sampler import FewShotSplit, check_shots, fewshot_split
 from .templates import CIFAR
 
 DATASET_SPECS = {
@@ -53,5 +53,5 @@ def load_dataset(spec: str) -> ImageDataset:
     raise DatasetError(f"unknown dataset spec {spec!r}; known forms: " + "; ".join(DATASET_SPECS))
 
 
-__all__ = ["ImageDataset", "Sample", "FewShotSplit", "fewshot_split", "load_dataset", "DATASET_SPECS",
+__all__ = ["ImageDataset", "Sample", "FewShotSplit", "fewshot_split", "check_shots", "load_dataset", "DATASET_SPECS",
            "COOP_DATASETS", "STANDARD_11"]

@@ -129,7 +129,9 @@ class CoopDataset(ImageDataset):
                         raise DatasetError(f"{split_path}: entries must be [relpath, label, classname] with an "
                                            f"integer label >= 0, got {item!r}")
                     rel, label, cls = item
-                    names.setdefault(int(label), cls)
+                    if names.setdefault(int(label), cls) != cls:
+                        raise DatasetError(f"{split_path}: label {label} is called both {names[int(label)]!r} and "
+                                           f"{cls!r}", hint="give each label one class name in the split file")
                     out[split].append(Sample(id=rel, label=int(label), path=str(img_root.join(rel))))
         if not names:
             raise DatasetError(f"{split_path} has no samples")

@@ -39,15 +39,14 @@ def _draw(group: list[Sample], k: int, rng: np.random.Generator) -> list[Sample]
     return [group[i] for i in picks]
 
 
-def fewshot_split(dataset: ImageDataset, shots: int, seed: int, val_per_class: int | None = None,
-                  test_split: str = "test") -> FewShotSplit:
-    """K per class from train; val = min(K, 4) per class from the val split (CoOp's rule) or, when the
-    dataset has no val split, from the train images not chosen as support; test = the full test split."""
+def _check_shots_value(shots: object) -> None:
     if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
         raise UsageError(f"shots must be an integer >= 1, got {shots!r}", hint="use --shots 1 or more")
-    n_val = min(shots, 4) if val_per_class is None else val_per_class
-    if n_val < 0:
-        raise UsageError(f"val_per_class must be >= 0, got {val_per_class}")
+
+
+def train_groups(dataset: ImageDataset) -> dict[int, list[Sample]]:
+    """The train split by class, after the checks every few-shot episode needs (a train split, at least
+    two classes, every class present, no sample listed twice)."""
     if "train" not in dataset.splits():
         raise DatasetError(f"{dataset.name} has no train split; few-shot needs one (splits: {dataset.splits()})",
                            hint="add a train/ folder (ImageFolder) or a 'train' list (split file)")
@@ -66,6 +65,37 @@ def fewshot_split(dataset: ImageDataset, shots: int, seed: int, val_per_class: i
     if missing:
         raise DatasetError(f"{dataset.name}: classes with no training image: {missing[:5]}",
                            hint="add images to those class folders or remove the empty folders")
+    return train
+
+
+def check_shots(dataset: ImageDataset, shots: int | list[int]) -> dict[int, list[Sample]]:
+    """Refuse shot counts no class can supply (before any work); returns ``train_groups(dataset)``.
+
+    A class with fewer than K images gets its support drawn with replacement (CoOp's rule), but when not
+    even the largest class has K images a "K-shot" result would rest on repeats only, so it is an error.
+    """
+    values = [shots] if not isinstance(shots, (list, tuple)) else list(shots)
+    for k in values:
+        _check_shots_value(k)
+    train = train_groups(dataset)
+    largest = max(len(g) for g in train.values())
+    too_many = sorted(k for k in values if k > largest)
+    if too_many:
+        raise UsageError(f"{dataset.name}: no class has {too_many[0]} training images (the largest has {largest}); "
+                         f"{too_many[0]}-shot episodes would repeat the same images",
+                         hint=f"use --shots {largest} or fewer for this dataset")
+    return train
+
+
+def fewshot_split(dataset: ImageDataset, shots: int, seed: int, val_per_class: int | None = None,
+                  test_split: str = "test") -> FewShotSplit:
+    """K per class from train; val = min(K, 4) per class from the val split (CoOp's rule) or, when the
+    dataset has no val split, from the train images not chosen as support; test = the full test split."""
+    _check_shots_value(shots)
+    n_val = min(shots, 4) if val_per_class is None else val_per_class
+    if n_val < 0:
+        raise UsageError(f"val_per_class must be >= 0, got {val_per_class}")
+    train = check_shots(dataset, shots)
     small = {dataset.classnames[c]: len(g) for c, g in train.items() if len(g) < shots}
     if small:
         warnings.warn(f"{dataset.name}: {len(small)} class(es) have fewer than {shots} training images "
