@@ -1,4 +1,4 @@
-"""CLI for the X-adapter: ``xmodal xadapter train``, ``xmodal probe colors``, ``xmodal glue``.
+"""CLI for the X-adapter: ``xmodal xadapter train``, ``xmodal probe colors``, ``xmodal glue``, ``xmodal fill-mask``.
 
 ``register(app)`` adds them to the main typer app (the ``xadapter`` group also gets ``bank`` from
 ``xmodal.xadapter.bank_cli`` when that module is present). Every command takes ``--json`` and then
@@ -74,6 +74,9 @@ def train_command(
     save_every: int = typer.Option(500, "--save-every", help="checkpoint every N steps"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop after N steps in this invocation (checkpoint kept; continue with --resume)"),
     max_texts: Optional[int] = typer.Option(None, "--max-texts", help="use only the first N corpus texts"),
+    dropout: float = typer.Option(0.1, "--dropout", help="dropout inside the experts"),
+    visual: str = typer.Option("real", "--visual", help="V-expert input: real | shuffled (images of other classes) | zero; the last two are controls"),
+    focus_words: Optional[str] = typer.Option(None, "--focus-words", help="comma list of words always masked when present (e.g. the colour terms)"),
     json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
 ) -> None:
     """MLM adaptation: train X-adapters on a caption corpus with retrieved images (PLM and CLIP frozen)."""
@@ -85,7 +88,8 @@ def train_command(
                      mask_ratio=mask_ratio, max_length=max_length, device=device, resume=resume, seed=seed,
                      experts=experts, layers=layers, heads=heads, attn_dim=attn_dim, proj_dim=proj_dim,
                      bottleneck=bottleneck, feature_source=feature_source, k=k, save_every=save_every,
-                     stop_after=stop_after, max_texts=max_texts, progress=not json_out)
+                     stop_after=stop_after, max_texts=max_texts, progress=not json_out, dropout=dropout,
+                     visual=visual, focus_words=focus_words)
     summary = train_mlm(args, log=_logger(json_out))
 
     def human(s):
@@ -109,12 +113,14 @@ def probe_colors_command(
     trailing_period: bool = typer.Option(False, "--trailing-period", help="add '.' after the mask (VaLM templates)"),
     batch_size: int = typer.Option(64, "--batch-size"),
     device: str = typer.Option("auto", "--device"),
+    visual: str = typer.Option("real", "--visual", help="V-expert input: real (retrieved images) | shuffled (images of other classes, a control) | zero (a control)"),
+    force: bool = typer.Option(False, "--force", help="load an adapter trained on a PLM with other weights (warns)"),
     json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
 ) -> None:
     """Zero-shot object-colour probe: accuracy over template x object, argmax within the dataset's colours."""
     _quiet_hf()
     result = run_probe(data, plm, xadapter, backbone, bank, templates, experts, trailing_period, batch_size,
-                       device, log=_logger(json_out))
+                       device, log=_logger(json_out), visual=visual, force=force)
 
     def human(r):
         typer.echo(f"colour probe on {r['data']} ({r['n_objects']} objects x {r['n_templates']} templates), "
@@ -127,47 +133,19 @@ def probe_colors_command(
 
 
 def run_probe(data, plm="minilm", xadapter=None, backbone=None, bank=None, templates="valm", experts=None,
-              trailing_period=False, batch_size=64, device="auto", log=print) -> dict:
-    from .retrieval.context import DEFAULT_BACKBONE, ContextBuilder, load_bank
-    from .tasks.glue import _device
-    from .model.modules import get_xadapter, load_xadapter, read_xadapter_meta
-    from .model.plm import load_mlm
+              trailing_period=False, batch_size=64, device="auto", log=print, visual="real", force=False) -> dict:
+    """The colour probe of ``data`` on a PLM, optionally through an X-adapter (see ``tasks.adapted``)."""
+    from .tasks.adapted import load_adapted_mlm
     from .tasks.probe import probe_colors, read_color_csv
 
-    dev = _device(device)
     items = read_color_csv(data)
-    model, tokenizer, new_head, _ = load_mlm(plm)
-    builder, spec = None, None
-    if xadapter:
-        meta = read_xadapter_meta(xadapter)
-        stack = load_xadapter(model, xadapter)
-        missing = sorted(set(new_head) - set(stack.head_param_names))
-        if experts is not None:
-            stack.set_experts(experts)
-        if stack.active_experts:
-            from ..backbones import load_backbone
-
-            spec = backbone or meta["config"].get("backbone") or DEFAULT_BACKBONE
-            bb = load_backbone(spec, device=str(dev))
-            if "v" in stack.active_experts and not bank:
-                raise XmodalError("the V-expert needs --bank DIR (images to retrieve); or use --experts t / none")
-            bank_obj = load_bank(bank, bb) if "v" in stack.active_experts else None
-            builder = ContextBuilder(stack.config, bb, bank_obj, device=dev)
-        active = get_xadapter(model).active_experts
-    else:
-        missing = new_head
-        active = ()
-        if experts not in (None, "none"):
-            log("--experts ignored: no --xadapter given (plain PLM)")
-    if missing:
-        raise XmodalError(f"{plm} has no trained MLM head ({len(missing)} head parameters would be random); "
-                          "probe it through an X-adapter trained with `xmodal xadapter train` (which trains a "
-                          "head for such PLMs) via --xadapter DIR, or use a PLM that ships an MLM head")
-    model.to(dev)
-    result = probe_colors(model, tokenizer, items, templates=templates, trailing_period=trailing_period,
-                          builder=builder, batch_size=batch_size, device=dev)
-    result.update({"data": str(data), "plm": plm, "xadapter": xadapter, "backbone": spec, "bank": bank,
-                   "experts": list(active)})
+    a = load_adapted_mlm(plm, xadapter, backbone, bank, experts, device, visual=visual, force=force, log=log)
+    result = probe_colors(a.model, a.tokenizer, items, templates=templates, trailing_period=trailing_period,
+                          builder=a.builder, batch_size=batch_size, device=a.device)
+    result.update({"data": str(data), "plm": plm, "xadapter": xadapter, "backbone": a.backbone_spec, "bank": bank,
+                   "experts": list(a.active), "visual": visual if "v" in a.active else None})
+    if a.warnings:
+        result["warnings"] = a.warnings
     return result
 
 
@@ -189,6 +167,8 @@ def glue_command(
     max_eval: Optional[int] = typer.Option(None, "--max-eval", help="first N dev examples only"),
     freeze_plm: bool = typer.Option(False, "--freeze-plm", help="train adapters + head only (A.8 reading b)"),
     device: str = typer.Option("auto", "--device"),
+    strict: bool = typer.Option(False, "--strict", help="a dev row with an invalid label is an error instead of being counted and skipped"),
+    force: bool = typer.Option(False, "--force", help="load an adapter trained on a PLM with other weights (warns)"),
     json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
 ) -> None:
     """Fine-tune a PLM (+ X-adapter) on a GLUE task and report the dev metric."""
@@ -198,12 +178,50 @@ def glue_command(
     args = GlueArgs(task=task, data=data, plm=plm, xadapter=xadapter, experts=experts, backbone=backbone, bank=bank,
                     epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
                     max_train=max_train, max_eval=max_eval, freeze_plm=freeze_plm, device=device,
-                    progress=not json_out)
+                    progress=not json_out, strict=strict, force=force)
     result = run_glue(args, log=_logger(json_out))
 
     def human(r):
         for split, metrics in r["metrics"].items():
             typer.echo(f"{r['task']} {split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+
+    _emit(result, json_out, human)
+
+
+# ----------------------------------------------------------------------------------------------
+def fill_mask_command(
+    text: str = typer.Argument(..., help='a text with one [MASK], e.g. "The banana is [MASK]."'),
+    plm: str = typer.Option("minilm", "--plm", help="'minilm', a local HF folder with an MLM head, or the PLM of --xadapter"),
+    xadapter: Optional[str] = typer.Option(None, "--xadapter", help="X-adapter folder (from `xmodal xadapter train`)"),
+    bank: Optional[str] = typer.Option(None, "--bank", help="retrieval bank (when the V-expert is on)"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="VLM spec (default: the adapter's)"),
+    experts: Optional[str] = typer.Option(None, "--experts", help="v,t | v | t | none (default: all of the adapter's)"),
+    compare: bool = typer.Option(False, "--compare", help="show experts on and off side by side (same weights)"),
+    top_k: int = typer.Option(5, "--top-k", help="how many fillers to show"),
+    device: str = typer.Option("auto", "--device"),
+    force: bool = typer.Option(False, "--force", help="load an adapter trained on a PLM with other weights (warns)"),
+    json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
+) -> None:
+    """Top-k fillers of the [MASK] in TEXT, with the X-adapter's experts on (and off, with --compare)."""
+    from .tasks.fill_mask import FillMask
+
+    _quiet_hf()
+    fill = FillMask(plm, xadapter, bank, backbone=backbone, experts=experts, top_k=top_k, device=device, force=force)
+    fill.load(log=_logger(json_out))
+    out = fill(text, compare=compare)
+    result = {"text": text, "plm": plm, "xadapter": xadapter, "bank": bank, "experts": list(fill.active_experts),
+              **({"compare": out} if compare else {"predictions": out})}
+
+    def human(r):
+        if not compare:
+            for p in r["predictions"]:
+                typer.echo(f"{p['score']:8.4f}  {p['token']}")
+            return
+        on, off = r["compare"]["experts_on"], r["compare"]["experts_off"]
+        label = ",".join(r["experts"]) or "none"
+        typer.echo(f"{'experts ' + label:>28}    {'experts off':>28}")
+        for a, b in zip(on, off):
+            typer.echo(f"{a['token']:>18} {a['score']:8.4f}    {b['token']:>18} {b['score']:8.4f}")
 
     _emit(result, json_out, human)
 
@@ -223,6 +241,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(xadapter_app, name="xadapter")
     app.add_typer(probe_app, name="probe")
     app.command("glue")(glue_command)
+    app.command("fill-mask")(fill_mask_command)
 
 
-__all__ = ["xadapter_app", "probe_app", "register", "run_probe", "glue_command"]
+__all__ = ["xadapter_app", "probe_app", "register", "run_probe", "glue_command", "fill_mask_command"]

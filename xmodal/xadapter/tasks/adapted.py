@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...errors import UsageError, XmodalError
+from ...errors import XmodalError
 
 
 @dataclass
@@ -56,8 +56,8 @@ def load_adapted_mlm(plm: str, xadapter: str | None = None, backbone: str | None
             bb = load_backbone(spec, device=str(dev))
             needs_bank = "v" in stack.active_experts and visual != "zero"
             if needs_bank and not bank:
-                raise UsageError("the V-expert needs images to retrieve",
-                                 hint="pass --bank DIR (built with `xmodal xadapter bank`), or use --experts t / none")
+                raise XmodalError("the V-expert needs --bank DIR (images to retrieve); or use --experts t / none",
+                                  hint="build a bank with `xmodal xadapter bank` and pass it as --bank DIR")
             bank_obj = load_bank(bank, bb) if needs_bank else None
             builder = ContextBuilder(stack.config, bb, bank_obj, device=dev, visual=visual)
         active = get_xadapter(model).active_experts
@@ -66,9 +66,10 @@ def load_adapted_mlm(plm: str, xadapter: str | None = None, backbone: str | None
         if experts not in (None, "none"):
             notes.append("--experts ignored: no --xadapter given (plain PLM)")
     if missing:
-        raise XmodalError(f"{plm} has no trained MLM head ({len(missing)} head parameters would be random)",
-                          hint="use it through an X-adapter trained with `xmodal xadapter train` (which trains a head "
-                               "for such PLMs) via --xadapter DIR, or use a PLM that ships an MLM head")
+        raise XmodalError(f"{plm} has no trained MLM head ({len(missing)} head parameters would be random); "
+                          "use it through an X-adapter trained with `xmodal xadapter train` (which trains a head "
+                          "for such PLMs) via --xadapter DIR, or use a PLM that ships an MLM head",
+                          hint="pass --xadapter DIR (from `xmodal xadapter train`)")
     for note in notes:
         log(note)
     model.to(dev).eval()

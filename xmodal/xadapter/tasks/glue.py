@@ -161,6 +161,8 @@ class GlueArgs:
     weight_decay: float = 0.01
     device: str = "auto"
     progress: bool = True
+    strict: bool = False
+    force: bool = False
 
 
 def _device(name: str) -> torch.device:
@@ -185,16 +187,28 @@ def run_glue(args: GlueArgs, log=print) -> dict:
     cols, _, labels, dev_files, _ = TASKS[task]
     folder = task_dir(args.data, task)
     train, skipped = read_glue(folder / "train.tsv", task)
+    if not train:
+        raise DatasetError(f"{folder / 'train.tsv'} has no usable {task} example: all {skipped} rows are malformed "
+                           f"or have a label outside {labels if labels is not None else 'the numbers'}",
+                           hint=f"check the label column {TASKS[task][1]!r} of the training file")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     if args.max_train and len(train) > args.max_train:
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.max_train]
         train = [train[i] for i in sorted(pick.tolist())]
-    devs = {}
+    devs, dev_skipped = {}, {}
     for name in dev_files:
         if (folder / name).is_file():
-            ex, _ = read_glue(folder / name, task)
-            devs[name.rsplit(".", 1)[0]] = ex[: args.max_eval] if args.max_eval else ex
+            ex, bad = read_glue(folder / name, task)
+            key = name.rsplit(".", 1)[0]
+            if bad and args.strict:
+                raise DatasetError(f"{folder / name}: {bad} rows are malformed or have an invalid label (--strict)",
+                                   hint="fix those rows, or drop --strict to skip them (they are counted in the result)")
+            if not ex:
+                raise DatasetError(f"{folder / name} has no usable {task} example ({bad} rows skipped)",
+                                   hint=f"check the label column {TASKS[task][1]!r} of the dev file")
+            devs[key] = ex[: args.max_eval] if args.max_eval else ex
+            dev_skipped[key] = bad
     if not devs:
         raise DatasetError(f"no dev file for {task} in {folder} (expected {', '.join(dev_files)})")
 
@@ -204,7 +218,7 @@ def run_glue(args: GlueArgs, log=print) -> dict:
     builder, experts, notes = None, (), []
     if args.xadapter:
         meta = read_xadapter_meta(args.xadapter)
-        stack = load_xadapter(model, args.xadapter, load_head=False)
+        stack = load_xadapter(model, args.xadapter, load_head=False, force=args.force, log=notes.append)
         experts = parse_experts(args.experts)
         stack.set_experts(experts)
         if experts:
@@ -224,8 +238,11 @@ def run_glue(args: GlueArgs, log=print) -> dict:
         p.requires_grad_(not args.freeze_plm or name.startswith("xadapter.") or name in new)
     model.to(device)
     counts = count_parameters(model)
+    for note in notes:
+        log(note)
     log(f"GLUE {task}: {len(train)} train examples ({skipped} malformed lines skipped), dev "
-        + ", ".join(f"{k} {len(v)}" for k, v in devs.items()) + f"; experts {','.join(experts) or 'none'}; "
+        + ", ".join(f"{k} {len(v)}" + (f" ({dev_skipped[k]} rows skipped)" if dev_skipped[k] else "")
+                    for k, v in devs.items()) + f"; experts {','.join(experts) or 'none'}; "
         f"{'PLM frozen' if args.freeze_plm else 'full fine-tuning'}; trainable {counts['trainable']:,}")
 
     def batches(examples, shuffle: bool, epoch: int = 0):
@@ -301,6 +318,7 @@ def run_glue(args: GlueArgs, log=print) -> dict:
     return {
         "task": task, "metrics": results, "main_metric": main_metric(task),
         "score": primary[main_metric(task)], "train_size": len(train), "dev_size": {k: len(v) for k, v in devs.items()},
+        "train_skipped": skipped, "dev_skipped": dev_skipped,
         "plm": args.plm, "xadapter": args.xadapter, "experts": list(experts),
         "mode": "frozen-plm" if args.freeze_plm else "full", "epochs": args.epochs, "lr": args.lr,
         "batch_size": args.batch_size, "seed": args.seed, "steps": step, "params": counts,
