@@ -54,7 +54,7 @@ def test_openclip_random_weights_round_trip(tmp_path):
     model = open_clip.create_model("XmodalTinyViT", pretrained=None)
     weights = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), weights)
-    bb = load_backbone(f"openclip:XmodalTinyViT/{weights}")
+    bb = load_backbone(f"openclip:XmodalTinyViT/{weights}", cache_dir=str(tmp_path))
     _check_protocol(bb)
     assert bb.image_tokens(torch.zeros(1, 3, 32, 32)).shape == (1, 1 + 16, 16)  # CLS + 4x4 patches
     with torch.inference_mode():
@@ -98,10 +98,14 @@ def _tiny_hf_clip(folder):
 
 def test_hf_clip_random_weights_round_trip(tmp_path):
     _tiny_hf_clip(tmp_path)
-    bb = load_backbone(f"hf:{tmp_path}")
+    bb = load_backbone(f"hf:{tmp_path}", cache_dir=str(tmp_path / "cache"))
     _check_protocol(bb)
     assert bb.embed_dim == 16
     assert bb.image_tokens(torch.zeros(1, 3, 32, 32)).shape == (1, 17, 16)
+    assert bb.active_engine("image") == "onnx"  # auto: the exact ONNX Runtime export on CPU
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(bb.encode_images(x), bb.torch_tower("image")(x), atol=1e-5)
 
 
 def test_hf_missing_model_error_names_spec_and_fix():
@@ -111,7 +115,8 @@ def test_hf_missing_model_error_names_spec_and_fix():
 
 @pytest.fixture(scope="module")
 def bridge(tmp_path_factory):
-    return load_backbone("bridge:lite0-minilm", cache_dir=str(tmp_path_factory.mktemp("bridge-cache")))
+    # PyTorch engine: the ONNX export of this tower is exercised by benchmarks/features.py (tiny models in tests)
+    return load_backbone("bridge:lite0-minilm", cache_dir=str(tmp_path_factory.mktemp("bridge-cache")), engine="torch")
 
 
 def test_bridge_protocol_and_semantics(bridge):

@@ -134,7 +134,7 @@ def load_or_export(backbone: "VisionLanguageBackbone", tower: str, cache_dir: st
     root = Path(cache_dir) / "onnx"
     key = export_key(backbone, tower)
     side = root / f"{key}.json"
-    identity = {"format": FORMAT, "fingerprint": backbone.fingerprint(), "spec": backbone.spec, "tower": tower,
+    identity = {"format": FORMAT, "fingerprint": backbone.fingerprint(), "tower": tower,
                 "torch": torch.__version__, "opset": OPSET, "image_size": backbone.image_size}
     if side.is_file():
         problem = None
@@ -180,7 +180,7 @@ def load_or_export(backbone: "VisionLanguageBackbone", tower: str, cache_dir: st
                                 f"max abs diff {fidelity['max_abs_diff']:.2e})")
     import onnxruntime
 
-    record = {**identity, "file": final.name, "sha256": digest, "probe": fidelity,
+    record = {**identity, "spec": backbone.spec, "file": final.name, "sha256": digest, "probe": fidelity,
               "onnxruntime": onnxruntime.__version__}
     atomic_write_text(side, json.dumps(record, indent=1))
     return OnnxTower(session, name, final, record)
