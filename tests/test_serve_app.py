@@ -225,9 +225,12 @@ def test_model_card_health_docs_and_page(client, classifier):
     card = client.get("/v1/model").json()
     assert card["classes"] == list(classifier.classes_)
     assert card["method"] == "tip-adapter" and card["backbone"].startswith("tiny:clip")
-    assert isinstance(card["stand_in"], bool) and card["val_accuracy"] is not None
+    assert isinstance(card["stand_in"], bool) and card["val_accuracy"] == classifier.card()["validation_accuracy"]
+    assert "imagefolder:" not in str(card)  # the training folder's path is not published
+    before = client.get("/healthz").json()
+    client.post("/v1/classify", content=png_bytes(), headers={"content-type": "image/png"})
     health = client.get("/healthz").json()
-    assert health["status"] == "ok" and health["images"] >= 1
+    assert health["status"] == "ok" and health["images"] == before["images"] + 1
     schema = client.get("/openapi.json").json()
     body = schema["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/*"} <= set(body)

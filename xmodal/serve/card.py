@@ -15,6 +15,8 @@ _FIELDS = {  # card field -> keys the classifier's card may use for it, first ma
     "created": ("created", "created_at", "creation_time"),
 }
 
+_PRIVATE = {"dataset"}  # the training data's spec holds a local path: not published over HTTP
+
 
 def model_card(classifier: Any) -> ModelCard:
     """Normalise ``classifier.card()`` to a ``ModelCard``; the class list always comes from ``classes_``."""
@@ -39,7 +41,7 @@ def model_card(classifier: Any) -> ModelCard:
     values["val_accuracy"] = float(acc) if isinstance(acc, (int, float)) else None
     if values.get("created") is not None:
         values["created"] = str(values["created"])
-    details = {k: v for k, v in raw.items() if k not in used}
+    details = {k: v for k, v in raw.items() if k not in used and k not in _PRIVATE}
     return ModelCard(**values, details=_jsonable(details))
 
 
