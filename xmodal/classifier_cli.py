@@ -143,8 +143,14 @@ def predict_command(
     preds: list[int] = []
     unknown = n_errors = n_rows = 0
     index = {c: i for i, c in enumerate(clf.classes_)}
+    from tqdm.auto import tqdm
+
+    # a progress bar only where it cannot mix with the rows: stderr a terminal, rows not going to that terminal
+    bar = tqdm(total=len(files), unit="img", desc="predict", leave=False,
+               disable=not (sys.stderr.isatty() and (as_json or not sys.stdout.isatty())))
     for p in clf.iter_predict(files, batch_size=batch_size, skip_corrupt=skip_corrupt):
         n_rows += 1
+        bar.update(1)
         if p.error is not None:
             n_errors += 1
             row: dict[str, Any] = {"path": p.source, "error": p.error}
@@ -163,6 +169,7 @@ def predict_command(
             rows.append(row)
         else:
             writer.row(row)
+    bar.close()
     summary: dict[str, Any] = {"model": str(model), "method": card["method"], "backbone": card["backbone"],
                                "stand_in": card["stand_in"], "n_inputs": len(files)}
     if evaluate:
