@@ -1,4 +1,5 @@
-"""Accuracy-vs-shots figure: one panel per dataset plus the average, one line per method.
+"""Accuracy-vs-shots figure: one panel per dataset plus the average (when there are several datasets),
+one line per method.
 
 Error bars are the sample std over seeds (none for single-seed points). Uses the Agg canvas
 directly, so it never needs a display and never changes the global matplotlib backend.
@@ -10,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .table import Summary, summarize
+from .table import Summary, dataset_notes, summarize
 
 
 def plot_accuracy_vs_shots(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], *,
@@ -25,7 +26,7 @@ def plot_accuracy_vs_shots(rows: Iterable[dict[str, Any]], path: str | os.PathLi
     datasets_all = list(dict.fromkeys(d for s in summaries for d in s.datasets))
     for d in datasets_all:
         panels.append((d, [(s, lambda k, m, s=s, d=d: s.cells.get((d, k, m))) for s in summaries]))
-    if datasets_all:
+    if len(datasets_all) > 1:  # with one dataset the average panel would repeat it
         panels.append((f"average over {len(datasets_all)} dataset(s)",
                        [(s, lambda k, m, s=s: s.average.get((k, m))) for s in summaries]))
     ncols = min(3, max(1, len(panels)))
@@ -54,7 +55,8 @@ def plot_accuracy_vs_shots(rows: Iterable[dict[str, Any]], path: str | os.PathLi
             ax.set_xscale("log", base=2)
             ax.set_xticks(shots)
             ax.set_xticklabels([str(k) for k in shots])
-        ax.set_title(title, fontsize=9)
+        flag = " [ImageNet images: flatters the backbone]" if dataset_notes(title) else ""
+        ax.set_title(title + flag, fontsize=9)
         ax.set_xlabel("shots per class")
         ax.set_ylabel("top-1 (%)")
         ax.grid(True, alpha=0.3)

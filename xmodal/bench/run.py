@@ -144,14 +144,17 @@ class FeatureBank:
 
         Validation drawn from the train split (datasets without a val split) would otherwise extract the
         whole train split (60,000 images for Fashion-MNIST). With ``augment_scope`` 'union' the rows come
-        from the views extraction where it holds them (it also stores the deterministic features), and
-        only the rest is extracted; with 'support' exactly these samples are extracted (cached on disk per
+        from the union extraction where it holds them (it also stores the deterministic features; without
+        views it is a plain extraction of every support and validation image of the grid), and only the
+        rest is extracted; with 'support' exactly these samples are extracted (cached on disk per
         sample set). The features are the same either way.
         """
         ids = [s.id for s in samples]
         if split != "train" or split in self._plain or self.augment_scope == "split":
             return self.plain(split).subset(ids)
-        have = self._views if self.augment_scope == "union" and self._views is not None else None
+        have = None
+        if self.augment_scope == "union" and (self._views is not None or self._view_samples is not None):
+            have = self._train_views([])  # the grid's union (with views, or plain when there are none)
         known = set(have.ids) if have is not None else set()
         missing = {s.id: s for s in samples if s.id not in known}
         parts = []
@@ -220,7 +223,7 @@ class FeatureBank:
         support_ids = [s.id for s in split.support]
         if self.augment_views > 0:
             support = self._train_views(split.support).subset(support_ids)
-        elif self.augment_scope == "support":  # no views: only this episode's images (big train splits)
+        elif self.augment_scope in ("support", "union"):  # no views: only the needed images (big train splits)
             support = self._plain_rows("train", split.support)
         else:
             support = self.plain("train").subset(support_ids)

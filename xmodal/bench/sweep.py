@@ -191,10 +191,11 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
                                    batch_size=batch_size, num_workers=num_workers, progress=progress,
                                    skip_corrupt=skip_corrupt, dtype=dtype, decode=decode, extract_fn=extract_fn,
                                    test_per_class=test_per_class)
-                if augment_scope == "union" and augment_views > 0:
-                    # the union over the whole grid (not only what is left), so the cache key is stable
-                    bank.use_view_samples(x for k in shots_l for s in seeds_l
-                                          for x in split_fn(dataset, k, s).support)
+                if augment_scope == "union":
+                    # the union over the whole grid (not only what is left), so the cache key is stable;
+                    # without views it also covers the validation images (one plain extraction for all)
+                    bank.use_view_samples(x for k in shots_l for s in seeds_l for sp in [split_fn(dataset, k, s)]
+                                          for x in (sp.support if augment_views > 0 else sp.support + sp.val))
                 for k, s in episodes:
                     bar.set_description(f"{d_spec} {k}-shot seed {s}")
 

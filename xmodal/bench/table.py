@@ -13,6 +13,19 @@ from typing import Any, Iterable, Sequence
 
 MIN_SEEDS = 3  # the protocol: averages over at least 3 seeds
 
+# Caveats printed under every block of a dataset whose spec or name contains the key (and under the
+# average when it includes one): numbers that a reader must not take at face value.
+DATASET_NOTES = {
+    "tiny-imagenet": ("Tiny-ImageNet images come from ImageNet: the offline default's image tower was trained on "
+                      "ImageNet-1k (and its text bridge fitted on ImageNet class names), so these numbers flatter "
+                      "that backbone; use them for scale (202 classes) and ranking, not absolute claims."),
+}
+
+
+def dataset_notes(dataset: str) -> list[str]:
+    key = dataset.lower()
+    return [note for k, note in DATASET_NOTES.items() if k in key]
+
 
 @dataclass
 class Stat:
@@ -45,6 +58,8 @@ class Summary:
     seeds: list[int]
     cells: dict[tuple[str, int, str], Stat] = field(default_factory=dict)  # (dataset, shots, method)
     average: dict[tuple[int, str], Stat] = field(default_factory=dict)  # (shots, method)
+    fit_time: dict[tuple[str, int, str], float] = field(default_factory=dict)  # mean fit_time_s over seeds
+    test_info: dict[str, str] = field(default_factory=dict)  # dataset -> "n_test=…" (+ subset rule)
 
     @property
     def complete(self) -> bool:
@@ -73,14 +88,23 @@ def summarize(rows: Iterable[dict[str, Any]], *, methods: Sequence[str] | None =
         ks = sorted({int(r["shots"]) for r in group})
         seeds = sorted({int(r["seed"]) for r in group})
         values: dict[tuple[str, int, str], dict[int, float]] = {}
+        times: dict[tuple[str, int, str], list[float]] = {}
+        test_info: dict[str, set[str]] = {}
         for r in group:
             values.setdefault((r["dataset"], int(r["shots"]), r["method"]), {})[int(r["seed"])] = float(r["top1"])
+            if r.get("fit_time_s") is not None:
+                times.setdefault((r["dataset"], int(r["shots"]), r["method"]), []).append(float(r["fit_time_s"]))
+            if r.get("n_test") is not None:
+                sub = f", a fixed seeded subset of {r['test_per_class']} per class" if r.get("test_per_class") else ""
+                test_info.setdefault(r["dataset"], set()).add(f"{r['n_test']} test images{sub}")
         summary = Summary(
             backbone=backbone, backbone_name=str(group[0].get("backbone_name", backbone)),
             fingerprints=sorted({str(r.get("backbone_fingerprint", "?")) for r in group}),
             stand_in=any(bool(r.get("stand_in")) for r in group),
             datasets=ds, shots=ks, methods=ms, seeds=seeds,
             cells={key: Stat.of(v) for key, v in values.items()},
+            fit_time={key: sum(v) / len(v) for key, v in times.items()},
+            test_info={d: "; ".join(sorted(v)) for d, v in test_info.items()},
         )
         for k in ks:
             for m in ms:
@@ -146,7 +170,32 @@ def markdown_table(rows: Iterable[dict[str, Any]], *, methods: Sequence[str] | N
         parts += head
         for d in s.datasets:
             parts += _block(f"{d}", lambda k, m, d=d: s.cells.get((d, k, m)), s.shots, s.methods, n)
+            notes = ([f"Scored on {s.test_info[d]}."] if d in s.test_info else []) + dataset_notes(d)
+            parts += [f"> {note}" for note in notes] + ([""] if notes else [])
         avg_title = (f"Average over {len(s.datasets)} dataset{'s' if len(s.datasets) != 1 else ''} "
                      f"({', '.join(s.datasets)}); per seed, then mean ± std over seeds")
         parts += _block(avg_title, lambda k, m: s.average.get((k, m)), s.shots, s.methods, n)
+        avg_notes = sorted({note for d in s.datasets for note in dataset_notes(d)})
+        parts += [f"> Includes {note[0].lower()}{note[1:]}" for note in avg_notes] + ([""] if avg_notes else [])
+        parts += fit_time_block(s)
     return "\n".join(parts)
+
+
+def fit_time_block(s: Summary) -> list[str]:
+    """Mean fit time (s) per method at the largest shot count of each dataset (features cached)."""
+    if not s.fit_time:
+        return []
+    cols = []
+    for d in s.datasets:
+        ks = [k for (dd, k, _) in s.fit_time if dd == d]
+        if ks:
+            cols.append((d, max(ks)))
+    if not cols:
+        return []
+    lines = ["### Fit time per method (s, mean over seeds; features cached; wall clock on the machine that ran it)", "",
+             "| method | " + " | ".join(f"{d} {k}-shot" for d, k in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for m in s.methods:
+        cells = [f"{s.fit_time[(d, k, m)]:.2f}" if (d, k, m) in s.fit_time else "–" for d, k in cols]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    notes = sorted({note for d, _ in cols for note in dataset_notes(d)})
+    return lines + [""] + [f"> {note}" for note in notes] + ([""] if notes else [])

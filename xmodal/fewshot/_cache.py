@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..featureset import FeatureSet
-from ._common import batches, cosine_lr, cpu_generator, epoch_features
+from ._common import batches, class_groups, cosine_lr, cpu_generator, epoch_features, to_classes
 
 
 def mlp(d_in: int, d_out: int, arch: str) -> nn.Module:
@@ -98,6 +98,8 @@ class CacheModel(nn.Module):
                  gamma: Gamma | None = None) -> None:
         super().__init__()
         c = text_classifier.shape[0]
+        order, self.group = class_groups(cache_labels, c)  # class-sorted entries: A·L as a grouped sum
+        keys, cache_labels = keys[order.to(keys.device)], cache_labels[order.to(cache_labels.device)]
         if train_keys:
             self.keys = nn.Parameter(keys.float().clone())
         else:
@@ -113,7 +115,7 @@ class CacheModel(nn.Module):
 
     def img_affinity(self, f: torch.Tensor, beta: float) -> torch.Tensor:
         """A_img L, (B, C)."""
-        return torch.exp(-beta * (1 - f @ self.keys.T)) @ self.values
+        return to_classes(torch.exp(-beta * (1 - f @ self.keys.T)), self.values, self.group)
 
     def txt_affinity(self, f: torch.Tensor, beta_t: float) -> torch.Tensor:
         """A_txt L, (B, C)."""

@@ -77,6 +77,23 @@ def epoch_features(fs: FeatureSet, epoch: int) -> torch.Tensor:
     return fs.features.float()
 
 
+def class_groups(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, int | None]:
+    """(order, K): a stable order that sorts cache entries by class, and K when every class then has exactly
+    K consecutive entries (the sampler's K-shot sets), else None. With K, ``A·L`` (one-hot values) is a
+    reshape-and-sum over K instead of an (NK × C) matmul: the same numbers, C times fewer operations."""
+    order = torch.argsort(labels.long(), stable=True)
+    counts = torch.bincount(labels.long(), minlength=num_classes)
+    k = int(counts[0]) if len(counts) == num_classes and bool((counts == counts[0]).all()) and int(counts[0]) > 0 else None
+    return order, k
+
+
+def to_classes(a: torch.Tensor, values: torch.Tensor, group: int | None) -> torch.Tensor:
+    """(…, NK) affinities -> (…, C): ``a @ values``, as a grouped sum when the entries are class-sorted in groups."""
+    if group:
+        return a.reshape(*a.shape[:-1], values.shape[1], group).sum(-1)
+    return a @ values
+
+
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(labels.long(), num_classes).float()
 
@@ -113,6 +130,7 @@ def cache_grid_search(
     gammas: Sequence[float] | torch.Tensor | None = None,
     txt_beta: float | None = None,
     chunk_elems: int = 1 << 24,
+    group: int | None = None,
 ) -> tuple[int, int, int, torch.Tensor]:
     """Grid search of (γ, β, α) for cache logits ``zs + α·(γ·A_img + (1−γ)·A_txt)·L`` on validation.
 
@@ -124,6 +142,7 @@ def cache_grid_search(
                   to the NK cache entries (all K entries of a class share one text key)
     txt_beta      fixed β_t for the text affinity; None ties it to the β being searched
     gammas        γ values (grid) or a (M,) tensor of per-sample γ (one "grid point")
+    group         K when the cache entries are class-sorted in groups of K (see ``class_groups``)
 
     Returns (gamma_index, beta_index, alpha_index, accuracy grid (G, B, A)). Ties: first in (γ, β, α) order.
     Fully vectorised over α and β (chunked over β to bound memory).
@@ -144,7 +163,7 @@ def cache_grid_search(
     step = max(1, chunk_elems // max(1, m * max(img_sim.shape[1], c * len(alphas_t))))
     for lo in range(0, len(betas_t), step):
         b = betas_t[lo:lo + step]
-        p_img = torch.exp(-b[:, None, None] * (1 - img_sim[None])) @ values          # (b, M, C)
+        p_img = to_classes(torch.exp(-b[:, None, None] * (1 - img_sim[None])), values, group)  # (b, M, C)
         p_txt = None
         if txt_class_sim is not None:
             bt = b if txt_beta is None else torch.full_like(b, txt_beta)

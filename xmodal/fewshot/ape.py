@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..featureset import FeatureSet
-from ._common import (CLIP_LOGIT_SCALE, cache_keys, check_features, check_fit_inputs, first_best, key_source,
-                      require_fitted, tip_grid)
+from ._common import (CLIP_LOGIT_SCALE, cache_keys, check_features, check_fit_inputs, class_groups, first_best,
+                      key_source, require_fitted, tip_grid)
 from .base import FewShotMethod, register
 
 
@@ -53,8 +53,11 @@ def select_channels(criterion: torch.Tensor, q: int) -> torch.Tensor:
     return torch.sort(torch.topk(criterion, q).indices).values
 
 
-def class_sum(a: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(…, NK) -> (…, C): sum of the columns of each class (A·L without a dense one-hot matmul)."""
+def class_sum(a: torch.Tensor, labels: torch.Tensor, num_classes: int, group: int | None = None) -> torch.Tensor:
+    """(…, NK) -> (…, C): sum of the columns of each class (A·L without a dense one-hot matmul); a reshape
+    when the columns are class-sorted in groups of ``group``."""
+    if group:
+        return a.reshape(*a.shape[:-1], num_classes, group).sum(-1)
     out = torch.zeros(*a.shape[:-1], num_classes, dtype=a.dtype, device=a.device)
     return out.index_add_(a.ndim - 1, labels, a)
 
@@ -101,8 +104,9 @@ class APE(FewShotMethod):
         check_fit_inputs(support, val, text_classifier)
         dev = self.device
         c, d = text_classifier.shape
-        keys = cache_keys(support).to(dev)
-        labels = support.labels.long().to(dev)
+        order, group = class_groups(support.labels, c)
+        keys = cache_keys(support)[order].to(dev)
+        labels = support.labels.long()[order].to(dev)
         text = text_classifier.float().to(dev)
         fv, yv = val.features.float().to(dev), val.labels.to(dev)
         crit = ape_criterion(text, keys, labels, tuple(self.w))
@@ -119,7 +123,7 @@ class APE(FewShotMethod):
                                     * kl_to_text(_renorm(keys, idx), _renorm(text, idx), labels)[None])  # (G, NK)
                 for bi, beta in enumerate(betas):
                     aff = torch.exp(-beta * (1 - sim))                                # (M, NK)
-                    p = class_sum(aff[None] * weights[:, None], labels, c)            # (G, M, C)
+                    p = class_sum(aff[None] * weights[:, None], labels, c, group)     # (G, M, C)
                     logits = zs[None, None] + a_t[None] * p[:, None]                  # (G, A, M, C)
                     acc[qi, bi] = (logits.argmax(-1) == yv).float().mean(-1).T        # (A, G)
         qi, rest = divmod(first_best(acc), len(betas) * len(alphas) * len(gammas))
@@ -130,6 +134,7 @@ class APE(FewShotMethod):
         self.text_ = text
         self.labels_ = labels
         self.num_classes_ = c
+        self.group_ = group
         self.value_weights_ = torch.exp(gammas[gi] * kl_to_text(self.keys_sel_, _renorm(text, self.idx_), labels))
         self.alpha_, self.beta_, self.gamma_ = alphas[ai], betas[bi], gammas[gi]
         self.selected_ = {"alpha": float(self.alpha_), "beta": float(self.beta_), "gamma": float(self.gamma_),
@@ -147,6 +152,6 @@ class APE(FewShotMethod):
         f = features.float().to(self.device)
         with torch.no_grad():
             aff = torch.exp(-self.beta_ * (1 - _renorm(f, self.idx_) @ self.keys_sel_.T))
-            cache = class_sum(aff * self.value_weights_, self.labels_, self.num_classes_)
+            cache = class_sum(aff * self.value_weights_, self.labels_, self.num_classes_, self.group_)
             scores = self.logit_scale * f @ self.text_.T + self.alpha_ * cache
         return scores.to(features.device)

@@ -20,9 +20,9 @@ import torch.nn as nn
 
 from ..featureset import FeatureSet
 from ._cache import resolve_epochs, train_cache_model, val_loss_acc
-from ._common import (CLIP_LOGIT_SCALE, cache_grid_search, cache_keys, check_features, check_fit_inputs, key_source,
-                      require_fitted, seeded, tip_grid)
-from .ape import ape_criterion, select_channels
+from ._common import (CLIP_LOGIT_SCALE, cache_grid_search, cache_keys, check_features, check_fit_inputs, class_groups,
+                      key_source, require_fitted, seeded, tip_grid)
+from .ape import ape_criterion, class_sum, select_channels
 from .base import FewShotMethod, register
 
 
@@ -33,6 +33,8 @@ class APETModel(nn.Module):
                  logit_scale: float) -> None:
         super().__init__()
         c = text.shape[0]
+        order, self.group = class_groups(labels, c)  # class-sorted entries: A·Ṽ as a grouped sum
+        keys, labels = keys[order.to(keys.device)], labels[order.to(labels.device)]
         self.register_buffer("base_keys", keys.float().clone())
         self.register_buffer("labels", labels.long().clone())
         self.register_buffer("text", text.float().clone())
@@ -50,8 +52,13 @@ class APETModel(nn.Module):
 
     def forward(self, f: torch.Tensor, alpha: float, beta: float, beta_t: float | None = None,
                 need_text: bool = False):
-        keys, text, values = self.effective()
-        cache = torch.exp(-beta * (1 - f @ keys.T)) @ values
+        keys = self.base_keys.index_add(1, self.idx, self.res[self.labels])
+        text = self.text.index_add(1, self.idx, self.res)
+        aff = torch.exp(-beta * (1 - f @ keys.T))
+        if self.group:
+            cache = class_sum(aff * self.value_weights[:, 0], self.labels, self.values.shape[1], self.group)
+        else:
+            cache = aff @ (self.values * self.value_weights)
         return self.logit_scale * f @ text.T + alpha * cache, cache, None
 
 
@@ -79,7 +86,9 @@ class APET(FewShotMethod):
         alphas = [a * unit for a in tip_grid(self.alpha_scale, self.n_alpha)]
         with torch.no_grad():
             keys, text, values = self.model_.effective()
-            _, bi, ai, acc = cache_grid_search(self.logit_scale * fv @ text.T, yv, fv @ keys.T, values, betas, alphas)
+            plain = bool((self.model_.value_weights == 1).all())  # unweighted values: the grouped sum applies
+            _, bi, ai, acc = cache_grid_search(self.logit_scale * fv @ text.T, yv, fv @ keys.T, values, betas, alphas,
+                                               group=self.model_.group if plain else None)
         self.alpha_, self.beta_ = alphas[ai], betas[bi]
         return float(acc[0, bi, ai])
 

@@ -35,7 +35,7 @@ class _TipSearchMixin:
         betas, alphas = self._betas(), self._alphas()
         with torch.no_grad():
             _, bi, ai, acc = cache_grid_search(self.model_.zero_shot(fv), yv, fv @ self.model_.keys.T,
-                                               self.model_.values, betas, alphas)
+                                               self.model_.values, betas, alphas, group=self.model_.group)
         self.alpha_, self.beta_ = alphas[ai], betas[bi]
         return float(acc[0, bi, ai])
 

@@ -157,7 +157,8 @@ class _XMBase(_TipSearchMixin, FewShotMethod):
                 else:
                     gammas = [float(m.gamma(fv))]
             gi, bi, ai, acc = cache_grid_search(zs, yv, img_sim, m.values, betas, alphas, txt_class_sim=txt_sim,
-                                                txt_counts=m.text.counts, gammas=gammas, txt_beta=self.beta_text)
+                                                txt_counts=m.text.counts, gammas=gammas, txt_beta=self.beta_text,
+                                                group=m.group)
         self.alpha_, self.beta_ = alphas[ai], betas[bi]
         self.beta_t_ = self.beta_ if self.beta_text is None else float(self.beta_text)
         if self.gamma_mode == "search":
