@@ -238,7 +238,7 @@ def _without_views(fs: FeatureSet) -> FeatureSet:
     return FeatureSet(features=fs.features, labels=fs.labels, ids=fs.ids, classnames=fs.classnames, meta=fs.meta)
 
 
-def test_subset(samples: list, per_class: int, seed: int = 0) -> list:
+def fixed_test_subset(samples: list, per_class: int, seed: int = 0) -> list:
     """The first ``per_class`` images of each class in a seeded permutation (the same for every episode, so
     every method, shot count and seed is scored on one fixed test subset). Order: class, then id."""
     import numpy as np
@@ -325,7 +325,7 @@ def prepare_episode(bank: FeatureBank, shots: int, seed: int, *, backbone_spec: 
     start = time.perf_counter()
     split = split_fn(bank.dataset, shots, seed)
     if bank.test_per_class:
-        split = dataclasses.replace(split, test=test_subset(split.test, bank.test_per_class))
+        split = dataclasses.replace(split, test=fixed_test_subset(split.test, bank.test_per_class))
     if not split.test:
         raise DatasetError(f"{_dataset_spec(bank.dataset)} has no test samples; cannot score an episode",
                            hint="add a test/ split (ImageFolder) or 'test' entries (split file)")
