@@ -132,6 +132,19 @@ def xa_env(env: Env) -> Env:
     return env
 
 
+@pytest.fixture(scope="module")
+def clf_env(env: Env) -> Env:
+    """A classifier saved by ``xmodal fit`` (tip-adapter, 2 shots) for the predict / serve rows."""
+    if env.classifier is None:
+        out = env.root / "classifier"
+        res = CliRunner().invoke(_app(), ["fit", "--backbone", TB, "--data", f"imagefolder:{env.folder}", "--shots",
+                                          "2", "--method", "tip-adapter", "--augment-views", "0", "--out", str(out),
+                                          "--cache-dir", str(env.root / "fit_cache"), "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        env.classifier = out
+    return env
+
+
 # ---------------------------------------------------------------------------------------------- faults
 def _copy_folder(env: Env, tmp: Path) -> Path:
     dst = tmp / "data"
@@ -216,7 +229,9 @@ class Case:
     as_json: bool = False
     check: Callable[[Env, Path, object], None] | None = None
     xa: bool = False  # needs the X-adapter fixtures
+    clf: bool = False  # needs a saved classifier
     mount: str | None = None  # "ro" / "tmpfs": wrap the run in that mount (at tmp/"mnt")
+    mount_size: str = "64k"  # of the tmpfs
     xfail: str | None = None
     timeout: int = 60
 
@@ -391,6 +406,7 @@ def _bench_disk_full(e: Env, t: Path) -> list[str]:
 def _check_disk_full_then_resume(e, t, res):
     results = t / "mnt" / "out" / "results.jsonl"
     rows = _lines(results) if results.exists() else []  # every line parses: no torn row left behind
+    assert 0 < len(rows) < 12, f"the disk should fill while rows are appended ({len(rows)} rows)"
     subprocess.run(["mount", "-o", "remount,size=4m", str(t / "mnt")], check=True, capture_output=True)
     again = CliRunner().invoke(_app(), _bench_disk_full(e, t) + ["--json"])
     assert again.exit_code == 0, again.output
@@ -554,6 +570,42 @@ class _KilledSweep:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+def _model_copy(mutate: Callable[[Path], None]) -> Callable[[Env, Path], Path]:
+    def make(e: Env, t: Path) -> Path:
+        dst = t / "model"
+        shutil.copytree(e.classifier, dst)
+        mutate(dst)
+        return dst
+    return make
+
+
+def _flip_bytes(d: Path) -> None:
+    p = d / "adapter.safetensors"
+    raw = bytearray(p.read_bytes())
+    raw[-8:] = bytes(b ^ 0xFF for b in raw[-8:])  # same size, other numbers
+    p.write_bytes(bytes(raw))
+
+
+def _predict(model: Callable[[Env, Path], Path], *extra: str, images: Callable[[Env, Path], Path] | None = None):
+    def args(e: Env, t: Path) -> list[str]:
+        target = images(e, t) if images else e.folder / "test"
+        return ["predict", str(model(e, t)), str(target), "--device", "cpu", *extra]
+    return args
+
+
+def _images_with_one_corrupt(e: Env, t: Path) -> Path:
+    dst = t / "imgs"
+    shutil.copytree(e.folder / "test", dst)
+    _garbage(_first(dst, "."))
+    return dst
+
+
+def _check_error_row(e, t, res):
+    rows = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    errors = [r for r in rows if r.get("error")]
+    assert len(rows) == 9 and len(errors) == 1 and "img000" in errors[0]["path"], rows
 
 
 def _sigkill_then_resume(e: Env, t: Path) -> list[str]:
@@ -722,7 +774,7 @@ CASES: list[Case] = [
     Case("bench-out-read-only", ["bench"],
          lambda e, t: _bench_grid()(e, t) + ["--out", str(t / "mnt")], 4, "read-only", mount="ro"),
     Case("bench-disk-full-then-resume", ["bench"], _bench_disk_full, 4, "no space left", mount="tmpfs",
-         check=_check_disk_full_then_resume),
+         mount_size="8k", check=_check_disk_full_then_resume),
     Case("bench-sigkill-then-resume", ["bench"], _sigkill_then_resume, 0, check=_check_sigkill_resume, timeout=170),
     # ----- xadapter bank
     Case("bank-bad-data", ["xadapter", "bank"],
@@ -785,10 +837,40 @@ CASES: list[Case] = [
     Case("serve-model-folder-missing", ["serve"], _serve(lambda e, t: t / "nomodel"), 3, "nomodel"),
     Case("serve-model-folder-empty", ["serve"], _serve(lambda e, t: (t / "m").mkdir() or t / "m"), 3,
          "xmodal_classifier.json|not a saved|classifier"),
+    Case("serve-adapter-tampered", ["serve"], _serve(_model_copy(_flip_bytes)), 3, "checksum", clf=True),
     Case("fit-bad-data", ["fit"], lambda e, t: ["fit", "--data", "nope:x", "--out", str(t / "m")], 3,
          "unknown dataset spec"),
+    Case("fit-one-class", ["fit"],
+         damaged(lambda f: [shutil.rmtree(f / s / c) for s in ("train", "test") for c in ("class1", "class2")],
+                 lambda *a: (lambda e, t: ["fit", "--backbone", TB, *a, "--shots", "1", "--augment-views", "0",
+                                           "--method", "tip-adapter", "--out", str(t / "m"), "--device", "cpu",
+                                           "--cache-dir", str(t / "c")])), 3, "at least 2"),
+    Case("fit-bad-param", ["fit"],
+         lambda e, t: ["fit", "--backbone", TB, "--data", f"imagefolder:{e.folder}", "--param", "nonsense", "--out",
+                       str(t / "m"), "--device", "cpu"], 2, "key=value"),
+    Case("fit-out-under-a-file", ["fit"],
+         lambda e, t: ((t / "f").write_text("x"),
+                       ["fit", "--backbone", TB, "--data", f"imagefolder:{e.folder}", "--shots", "1", "--augment-views",
+                        "0", "--method", "tip-adapter", "--out", str(t / "f" / "m"), "--device", "cpu",
+                        "--cache-dir", str(t / "c"), "--json"])[1], 3, "not a directory|is a file", as_json=True),
     Case("predict-model-missing", ["predict"],
          lambda e, t: ["predict", str(t / "nomodel"), str(_first(e.folder))], 3, "nomodel"),
+    Case("predict-adapter-tampered", ["predict"], _predict(_model_copy(_flip_bytes)), 3, "checksum", clf=True),
+    Case("predict-config-not-json", ["predict"],
+         _predict(_model_copy(lambda d: (d / "xmodal_classifier.json").write_text("{"))), 3, "not valid JSON",
+         clf=True),
+    Case("predict-path-missing", ["predict"], _predict(lambda e, t: e.classifier, images=lambda e, t: t / "nothere"),
+         3, "nothere", clf=True),
+    Case("predict-corrupt-image-error-row", ["predict"],
+         _predict(lambda e, t: e.classifier, "--format", "jsonl", images=_images_with_one_corrupt), 0,
+         check=_check_error_row, clf=True),
+    Case("fill-mask-no-mask", ["fill-mask"],
+         lambda e, t: ["fill-mask", "the sky is blue.", "--plm", str(e.plm), "--device", "cpu"], 3, r"no \[MASK\]",
+         xa=True),
+    Case("fill-mask-adapter-other-base", ["fill-mask"],
+         lambda e, t: ["fill-mask", "the sky is [MASK].", "--plm", str(e.other_plm), "--xadapter",
+                       str(e.adapter_run / "xadapter"), "--bank", str(e.bank), "--backbone", TB, "--device", "cpu"],
+         3, "fingerprint|other weights|different", xa=True),
     Case("fill-mask-plm-missing", ["fill-mask"],
          lambda e, t: ["fill-mask", "the sky is [MASK].", "--plm", str(t / "noplm")], 3, "noplm"),
 ]
@@ -800,6 +882,9 @@ KNOWN_GAPS: dict[str, str] = {
     "features-disk-full": "ENOSPC while the feature cache writes safetensors surfaces as SafetensorError and is "
                           "reported as an internal error (exit 1) instead of a disk-full error (exit 4)",
     "bank-corrupt-image": "CorruptImageError's hint suggests --skip-corrupt, which `xmodal xadapter bank` does not have",
+    "fit-out-under-a-file": "saving a classifier under a regular file raises FileExistsError, reported as an "
+                            "environment error (exit 4) 'File exists: .../f' instead of an input error saying "
+                            "--out's parent is a file",
     "probe-adapter-weights-corrupt": "a damaged xadapter.safetensors raises SafetensorError, reported as an internal "
                                      "error (exit 1) instead of an input error naming the adapter file",
 }
@@ -862,6 +947,10 @@ def test_bad_input(case: Case, env: Env, tmp_path: Path, request, monkeypatch):
         pytest.skip(f"`xmodal {' '.join(case.command)}` does not exist yet")
     if case.xa:
         request.getfixturevalue("xa_env")
+    if case.clf:
+        if _command(["fit"]) is None:
+            pytest.skip("`xmodal fit` does not exist yet (needed to save a classifier)")
+        request.getfixturevalue("clf_env")
     monkeypatch.delenv("XMODAL_DEBUG", raising=False)
     if case.command == ["serve"]:
         import uvicorn
@@ -872,7 +961,7 @@ def test_bad_input(case: Case, env: Env, tmp_path: Path, request, monkeypatch):
         monkeypatch.setattr(uvicorn, "run", no_server)
     with contextlib.ExitStack() as stack:
         if case.mount:
-            stack.enter_context(_mount(case.mount, tmp_path / "mnt"))
+            stack.enter_context(_mount(case.mount, tmp_path / "mnt", case.mount_size))
         with _deadline(case.timeout, case.id):
             args = case.args(env, tmp_path)
             result = CliRunner().invoke(_app(), args)
@@ -883,7 +972,7 @@ def test_table_covers_every_command_and_fifty_rows():
     commands = {" ".join(c.command) for c in CASES}
     assert len(CASES) >= 50
     for cmd in ("features", "zeroshot", "fewshot", "bench", "xadapter bank", "xadapter train", "probe colors",
-                "glue", "serve"):
+                "glue", "serve", "fit", "predict", "fill-mask"):
         assert cmd in commands, cmd
     assert len({c.id for c in CASES}) == len(CASES)
 
