@@ -195,3 +195,29 @@ def test_sigkilled_sweep_resumes(tmp_path, data_spec):
     assert result.new_rows == 3 and len(result.rows) == 8 and not result.missing
     rows = ResultStore(out / RESULTS_FILE).rows
     assert rows[:5] == first and len({row_key(r) for r in rows}) == 8
+
+
+def test_two_concurrent_sweeps_into_one_folder_never_duplicate(tmp_path, data_spec):
+    """Two sweeps of the same grid racing on one --out folder: every row once, both see the full grid."""
+    import threading
+
+    out, results, errors = tmp_path / "out", [], []
+
+    def sweep():
+        try:
+            results.append(run_sweep("tiny:clip", [data_spec], [1, 2], [1, 2, 3], ["zeroshot", "tip-adapter"], out,
+                                     cache_dir=str(tmp_path / "c"), augment_views=0, progress=False,
+                                     write_report=False))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    rows = [json.loads(x) for x in (out / RESULTS_FILE).read_text().splitlines()]
+    keys = [row_key(r) for r in rows]
+    assert len(keys) == len(set(keys)) == 12
+    assert sum(r.new_rows for r in results) == 12 and all(len(r.rows) == 12 for r in results)
