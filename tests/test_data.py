@@ -274,6 +274,8 @@ def test_cifar10_missing_batch(tmp_path):
         load_dataset(f"cifar10:{root}")
     with pytest.raises(DatasetError, match="needs a path"):
         load_dataset("cifar10:")
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(f"cifar10:{tmp_path / 'nowhere'}")
 
 
 def test_cifar10_malformed_batch(tmp_path):

@@ -61,7 +61,11 @@ class ArrayDataset(ImageDataset):
 def load_cifar10_batches(path: str | Path) -> ArrayDataset:
     """The official ``cifar-10-batches-py`` files (data_batch_1..5, test_batch), read without unpickling
     arbitrary objects (see ``cifar_batch``)."""
-    root = Path(path)
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"CIFAR-10 folder {root} does not exist",
+                           hint="pass cifar10:PATH with PATH an ImageFolder (PATH/train/<class>/...) or the "
+                                "extracted cifar-10-batches-py folder")
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
 
