@@ -199,3 +199,33 @@ def fit_time_block(s: Summary) -> list[str]:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     notes = sorted({note for d, _ in cols for note in dataset_notes(d)})
     return lines + [""] + [f"> {note}" for note in notes] + ([""] if notes else [])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m xmodal.bench.table RESULTS.jsonl [OUT_DIR]``: re-render table.md and the plot from every row
+    of a results file (e.g. after several ``xmodal bench`` runs with different options into one folder,
+    whose own table shows only its grid). Methods and datasets keep the file's order."""
+    import argparse
+    import os
+    from pathlib import Path
+
+    from .plot import plot_accuracy_vs_shots
+    from .store import read_rows
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("results")
+    p.add_argument("out_dir", nargs="?")
+    args = p.parse_args(argv)
+    rows = read_rows(args.results)
+    out = Path(args.out_dir or Path(args.results).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown_table(rows)
+    tmp = out / f".table.md.{os.getpid()}.tmp"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, out / "table.md")
+    plot_accuracy_vs_shots(rows, out / "accuracy_vs_shots.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
