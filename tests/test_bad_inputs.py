@@ -852,7 +852,7 @@ CASES: list[Case] = [
          lambda e, t: ((t / "f").write_text("x"),
                        ["fit", "--backbone", TB, "--data", f"imagefolder:{e.folder}", "--shots", "1", "--augment-views",
                         "0", "--method", "tip-adapter", "--out", str(t / "f" / "m"), "--device", "cpu",
-                        "--cache-dir", str(t / "c"), "--json"])[1], 3, "not a directory|is a file", as_json=True),
+                        "--cache-dir", str(t / "c"), "--json"])[1], 3, "not a directory|is a file|in the way", as_json=True),
     Case("predict-model-missing", ["predict"],
          lambda e, t: ["predict", str(t / "nomodel"), str(_first(e.folder))], 3, "nomodel"),
     Case("predict-adapter-tampered", ["predict"], _predict(_model_copy(_flip_bytes)), 3, "checksum", clf=True),
@@ -876,18 +876,7 @@ CASES: list[Case] = [
 ]
 
 # Rows that fail because of a gap outside the data layer / bench harness; strict, so a fix shows up as XPASS.
-KNOWN_GAPS: dict[str, str] = {
-    "features-cache-dir-read-only": "the generic read-only/permission hint (cli_errors) suggests --out, which "
-                                    "`xmodal features` does not have",
-    "features-disk-full": "ENOSPC while the feature cache writes safetensors surfaces as SafetensorError and is "
-                          "reported as an internal error (exit 1) instead of a disk-full error (exit 4)",
-    "bank-corrupt-image": "CorruptImageError's hint suggests --skip-corrupt, which `xmodal xadapter bank` does not have",
-    "fit-out-under-a-file": "saving a classifier under a regular file raises FileExistsError, reported as an "
-                            "environment error (exit 4) 'File exists: .../f' instead of an input error saying "
-                            "--out's parent is a file",
-    "probe-adapter-weights-corrupt": "a damaged xadapter.safetensors raises SafetensorError, reported as an internal "
-                                     "error (exit 1) instead of an input error naming the adapter file",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _param(case: Case):

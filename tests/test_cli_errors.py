@@ -154,3 +154,47 @@ def test_cache_dir_env_is_honoured_by_the_cli(monkeypatch, tmp_path):
                                  "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.stdout
     assert json.loads(result.stdout)["cache_dir"] == str(cache) and any(cache.rglob("*"))
+
+
+def test_hints_only_suggest_options_the_failing_command_has():
+    exc = CorruptImageError("cannot decode image /x.jpg")
+    assert "--skip-corrupt" in classify(exc).hint
+    assert "--skip-corrupt" not in classify(exc, options={"--data", "--out"}).hint
+    assert "--skip-corrupt" in classify(exc, options={"--data", "--skip-corrupt"}).hint
+    ro = OSError(errno.EROFS, "Read-only file system", "/ro/cache")
+    hint = classify(ro, options={"--cache-dir"}).hint
+    assert "--cache-dir" in hint and "--out" not in hint
+
+
+def test_foreign_write_errors_on_a_full_disk_and_damaged_safetensors_are_classified():
+    class SafetensorError(Exception):  # the library's own class name, as safetensors raises it
+        pass
+
+    full = classify(SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                    "message: \"No space left on device\" })"))
+    assert full.exit_code == EXIT_ENVIRONMENT and "resumes" in full.hint
+    damaged = classify(SafetensorError("Error while deserializing header: header too small"))
+    assert damaged.exit_code == EXIT_INPUT and "re-create" in damaged.hint
+    in_the_way = classify(FileExistsError(errno.EEXIST, "File exists", "/out/model"))
+    assert in_the_way.exit_code == EXIT_INPUT and "/out/model" in in_the_way.message
+
+
+def test_warnings_print_as_one_line(tmp_path):
+    import warnings as w
+
+    import xmodal.data as data
+
+    real = data.load_dataset
+
+    def warn_then_load(spec):
+        w.warn("first line\nsecond line", UserWarning)
+        return real(spec)
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "load_dataset", warn_then_load)
+        result = runner.invoke(app, ["features", "--backbone", "tiny:clip", "--data", "digits", "--device", "cpu",
+                                     "--cache-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 0
+    assert "warning: first line second line" in result.stderr.splitlines()

@@ -14,10 +14,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 import traceback
-from dataclasses import dataclass
-from typing import Any, Sequence
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Sequence
 
 import typer
 from typer import exceptions as typer_exceptions
@@ -36,7 +38,10 @@ _ENV_ERRNOS = {errno.EROFS: "read-only file system", errno.EACCES: "permission d
                errno.ENOMEM: "out of memory"}
 _PATH_ERRNOS = {errno.ENOENT: "no such file or directory", errno.ENOTDIR: "not a directory",
                 errno.EISDIR: "is a directory", errno.ELOOP: "too many levels of symbolic links",
-                errno.ENAMETOOLONG: "file name too long"}
+                errno.ENAMETOOLONG: "file name too long", errno.EEXIST: "already exists (a file is in the way)"}
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded")
+_OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+_FOLDER_OPTIONS = ("--cache-dir", "--out")
 
 
 @dataclass(frozen=True)
@@ -62,17 +67,27 @@ def debug_enabled(args: Sequence[str] = ()) -> bool:
     return DEBUG_FLAG in args or os.environ.get("XMODAL_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _oserror_report(exc: OSError) -> ErrorReport:
+def _folders(options: Iterable[str] | None) -> str:
+    """The command's folder options, for hints (only those it has, when known)."""
+    have = [o for o in _FOLDER_OPTIONS if options is None or o in options]
+    return f" ({' / '.join(have)})" if have else ""
+
+
+def _disk_full(where: str, name: str, options: Iterable[str] | None) -> ErrorReport:
+    return ErrorReport(f"no space left on device while writing {where or 'output'}", name,
+                       f"free space or write to another disk{_folders(options)}, then rerun: finished work is kept "
+                       "and the rerun resumes", EXIT_ENVIRONMENT)
+
+
+def _oserror_report(exc: OSError, options: Iterable[str] | None) -> ErrorReport:
     where = " ".join(str(p) for p in (exc.filename, exc.filename2) if p)
     what = exc.strerror or str(exc)
     name = type(exc).__name__
     if exc.errno in _DISK_ERRNOS:
-        return ErrorReport(f"{_DISK_ERRNOS[exc.errno]} while writing {where or 'output'}", name,
-                           "free space or point --cache-dir / --out at another disk, then rerun: finished work is kept "
-                           "and the rerun resumes", EXIT_ENVIRONMENT)
+        return _disk_full(where, name, options)
     if exc.errno in _ENV_ERRNOS:
         return ErrorReport(f"{_ENV_ERRNOS[exc.errno]}: {where or what}", name,
-                           "choose a writable folder (--cache-dir / --out) or fix the permissions", EXIT_ENVIRONMENT)
+                           f"choose a writable folder{_folders(options)} or fix the permissions", EXIT_ENVIRONMENT)
     if exc.errno in _PATH_ERRNOS or isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return ErrorReport(f"{_PATH_ERRNOS.get(exc.errno, what)}: {where or what}", name,
                            "check the path (and any symbolic link on it) and try again", EXIT_INPUT)
@@ -86,8 +101,26 @@ def _is_device_error(exc: BaseException) -> bool:
                                    "invalid device", "expected one of cpu"))
 
 
-def classify(exc: BaseException) -> ErrorReport:
-    """Map any exception to an ``ErrorReport`` (exit code and hint by kind)."""
+def _drop_unknown_options(hint: str, options: Iterable[str] | None) -> str:
+    """Remove the clauses of a hint that suggest options this command does not have."""
+    if options is None or not hint:
+        return hint
+    known = set(options) | {"--help", "--debug"}
+    clauses = re.split(r"(?:,? or |; )", hint)
+    kept = [c for c in clauses if set(_OPTION.findall(c)) <= known]
+    return " or ".join(kept) if kept else "check the inputs named in the message"
+
+
+def classify(exc: BaseException, options: Iterable[str] | None = None) -> ErrorReport:
+    """Map any exception to an ``ErrorReport`` (exit code and hint by kind).
+
+    ``options``: the options of the command that failed, when known, so a hint never suggests one it lacks.
+    """
+    rep = _classify(exc, options)
+    return replace(rep, hint=_drop_unknown_options(rep.hint, options))
+
+
+def _classify(exc: BaseException, options: Iterable[str] | None) -> ErrorReport:
     name = type(exc).__name__
     if isinstance(exc, XmodalError):
         return ErrorReport(str(exc), name, exc.hint, exc.exit_code)
@@ -103,7 +136,12 @@ def classify(exc: BaseException) -> ErrorReport:
         return ErrorReport("out of memory", name, "lower --batch-size or use a machine with more memory",
                            EXIT_ENVIRONMENT)
     if isinstance(exc, OSError):
-        return _oserror_report(exc)
+        return _oserror_report(exc, options)
+    if any(t in str(exc).lower() for t in _DISK_FULL_TEXT):  # e.g. a library's own write error on a full disk
+        return _disk_full("", name, options)
+    if name == "SafetensorError":
+        return ErrorReport(f"a safetensors file is damaged or not a safetensors file: {exc}", name,
+                           "re-create the file (refit, retrain or rebuild it) or point at an intact copy", EXIT_INPUT)
     try:
         from PIL import Image, UnidentifiedImageError
 
@@ -126,12 +164,12 @@ def classify(exc: BaseException) -> ErrorReport:
                        "this is a bug in xmodal: rerun with --debug and report the traceback", EXIT_INTERNAL)
 
 
-def report(exc: BaseException, as_json: bool, debug: bool) -> int:
+def report(exc: BaseException, as_json: bool, debug: bool, options: Iterable[str] | None = None) -> int:
     """Print the error once (stderr line, or JSON on stdout) and return its exit code."""
     if isinstance(exc, click_exceptions.NoArgsIsHelpError):  # a bare group: show its help, as click does
         typer.echo(exc.format_message(), err=True)
         return EXIT_USAGE
-    rep = classify(exc)
+    rep = classify(exc, options)
     if debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     if as_json:
@@ -140,6 +178,27 @@ def report(exc: BaseException, as_json: bool, debug: bool) -> int:
     else:
         typer.secho(rep.as_line(), fg="red", err=True)
     return rep.exit_code
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as ``warning: <text>`` lines on stderr, without the source line Python adds."""
+    text = " ".join(str(message).split())
+    (file or sys.stderr).write(f"warning: {text}\n")
+
+
+def _options_of(group: Any, argv: Sequence[str]) -> set[str] | None:
+    """The options of the (sub)command ``argv`` names, or None when it names none."""
+    cmd, found = group, False
+    for tok in argv:
+        sub = getattr(cmd, "commands", {}).get(tok)
+        if sub is None:
+            if not tok.startswith("-"):
+                break
+            continue
+        cmd, found = sub, True
+    if not found:
+        return None
+    return {o for p in cmd.params for o in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))}
 
 
 class XmodalGroup(TyperGroup):
@@ -152,15 +211,17 @@ class XmodalGroup(TyperGroup):
         argv = [a for a in argv if a != DEBUG_FLAG]
         as_json = JSON_FLAG in argv
         try:
-            rv = super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
-                              standalone_mode=False, **extra)
+            with warnings.catch_warnings():  # restores the default printer when the command ends
+                warnings.showwarning = _one_line_warning
+                rv = super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
+                                  standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
         except typer_exceptions.Exit as exc:
             code = exc.exit_code
         except SystemExit:
             raise
         except BaseException as exc:  # noqa: BLE001 - the single place that reports errors
-            code = report(exc, as_json, debug)
+            code = report(exc, as_json, debug, _options_of(self, argv))
         if standalone_mode:
             sys.exit(code)
         return code
