@@ -1,12 +1,20 @@
-"""End-to-end feature-extraction throughput (JPEG decode -> tensor -> embedding), and where the time goes.
+"""Feature-extraction speed: every engine side by side, ratios to the PyTorch fp32 path, in one run.
 
-CPU: the offline default ``bridge:lite0-minilm`` on CIFAR-10 JPEGs (shared subset, or generated).
-GPU (when present): ``openclip:ViT-B-16`` with random weights in bf16 on generated 500x375 JPEGs,
-through the PIL data-loader path and the batched torchvision (nvJPEG) decode path.
-Reference on one H100: bare ViT-B/16 tower ~8,600 img/s bf16; PIL decode+resize ~1,600 img/s with
-16 processes; nvJPEG batched decode ~5,800 img/s. Target: >= 5,000 img/s end to end.
+For each backbone (default: the offline stand-in ``bridge:lite0-minilm`` on CIFAR-10 JPEGs, and
+``openclip:ViT-B-32`` with random weights as a CPU-only CLIP user would run it):
 
-Usage: python benchmarks/features.py [--n 512] [--gpu-n 4096] [--workers N]
+* image tower only (preprocessed batches of 64): PyTorch fp32 eager, ONNX Runtime fp32 (exact),
+  bf16 autocast + torch.compile, ONNX Runtime int8 QDQ; fidelity of each against PyTorch fp32
+  (cosine mean / min over the images, and agreement of the zero-shot top-1 with fp32's);
+* end to end (JPEG decode -> transform -> tower -> cache write): PyTorch fp32 without loader workers
+  (the old default), ONNX Runtime without workers, ONNX Runtime with the default worker count, and a
+  cached rerun.
+
+GPU (when present): ``openclip:ViT-B-16`` random weights in bf16 on generated 500x375 JPEGs through
+the PIL loader and through ``decode="tensor"`` (nvJPEG).
+
+Timings are wall clock on whatever else the machine runs: on a shared machine, rerun when it is quiet.
+Usage: python benchmarks/features.py [--n 512] [--fid-n 256] [--vit-n 128] [--no-compile] [--no-vit]
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import argparse
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +31,9 @@ from PIL import Image
 
 from xmodal.backbones import load_backbone
 from xmodal.data import load_dataset
-from xmodal.features import extract_features
+from xmodal.engines.onnx import compare
+from xmodal.features import DEFAULT_CACHE_DIR, _calibration_id, _calibration_samples, auto_workers, extract_features
+from xmodal.zeroshot import text_classifier
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -50,33 +61,91 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
-def row(name: str, n: int, seconds: float) -> None:
-    print(f"| {name} | {n} | {seconds:.2f} | {n / seconds:,.0f} |")
-
-
-def cpu_bench(n: int, workers: int) -> None:
-    bb = load_backbone("bridge:lite0-minilm")
+def _dataset():
     if (SHARED_CIFAR / "test").is_dir():
-        ds = load_dataset(f"imagefolder:{SHARED_CIFAR}")
-        label = "CIFAR-10 32x32 JPEG -> 224"
-    else:
-        ds = load_dataset(f"imagefolder:{make_jpegs(Path(tempfile.mkdtemp()), n)}")
-        label = "generated 500x375 JPEG"
+        return load_dataset(f"cifar10:{SHARED_CIFAR}"), "CIFAR-10 32x32 JPEG -> 224"
+    return load_dataset(f"imagefolder:{make_jpegs(Path(tempfile.mkdtemp()), 512)}"), "generated 500x375 JPEG"
+
+
+def _batched(fn, pixels: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    return torch.cat([fn(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+
+
+def tower_table(spec: str, ds, fid_n: int, compile_bf16: bool, cache: str) -> None:
+    """Tower-only throughput and fidelity of every engine for ``spec``."""
+    from xmodal.engines.bf16 import bf16_tower
+    from xmodal.engines.int8 import int8_tower
+
+    bb = load_backbone(spec, engine="torch", cache_dir=cache)
+    samples = ds.samples("test")
+    samples = samples[:: max(1, len(samples) // fid_n)][:fid_n]
+    pixels = torch.stack([bb.preprocess(ds.load_image(s)) for s in samples])
+    weights = text_classifier(bb, ds.classnames, ds.templates[:1])
+    onnx_bb = load_backbone(spec, engine="onnx", cache_dir=cache)
+    t = time.perf_counter()
+    engine = onnx_bb.active_engine("image")
+    prep_onnx = time.perf_counter() - t
+    calib = _calibration_samples(ds, samples)
+    t = time.perf_counter()
+    int8 = int8_tower(onnx_bb, "image", cache, lambda: torch.stack([bb.preprocess(ds.load_image(s)) for s in calib]),
+                      _calibration_id(calib))
+    prep_int8 = time.perf_counter() - t
+    os.environ.setdefault("XMODAL_COMPILE", "1" if compile_bf16 else "0")
+    bf16 = bf16_tower(bb, "image", compile=compile_bf16)
+    t = time.perf_counter()
+    bf16(pixels[:64])  # compiles
+    prep_bf16 = time.perf_counter() - t
+    engines = [("PyTorch fp32 eager, channels-last", bb.encode_images, "-"),
+               (f"ONNX Runtime fp32 ({engine})", onnx_bb.encode_images, f"export {prep_onnx:.1f} s"),
+               (f"bf16 autocast{', compiled' if bf16.compiled else ' (eager)'}", bf16, f"compile {prep_bf16:.1f} s"),
+               ("ONNX Runtime int8 QDQ, first convs fp32", int8, f"quantise {prep_int8:.1f} s")]
+    print(f"\n#### {bb.name}: image tower only, {len(pixels)} images in batches of 64, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| engine | img/s | x PyTorch fp32 | cos mean / min vs fp32 | zero-shot top-1 agreement | one-off |")
+    print("|---|---:|---:|---|---:|---|")
+    ref, base = None, None
+    for name, fn, once in engines:
+        fn(pixels[:8])  # warm-up
+        out = None
+
+        def run():
+            nonlocal out
+            out = _batched(fn, pixels)
+
+        seconds = timed(run, repeat=2)
+        rate = len(pixels) / seconds
+        if ref is None:
+            ref, base = out, rate
+        fid = compare(out, ref)
+        agree = ((out.float() @ weights.T).argmax(1) == (ref @ weights.T).argmax(1)).float().mean().item()
+        print(f"| {name} | {rate:,.1f} | {rate / base:.2f} | {fid['cos_mean']:.5f} / {fid['cos_min']:.5f} | "
+              f"{agree:.3f} | {once} |")
+
+
+def end_to_end_table(spec: str, ds, n: int, cache: str) -> None:
+    """Decode + transform + tower + cache write, fresh cache each row (exports prepared beforehand)."""
     samples = ds.samples("test")[:n]
-    print(f"\n### CPU ({torch.get_num_threads()} threads), {bb.name}, {label}\n")
-    print("| stage | images | seconds | images/s |\n|---|---|---|---|")
-    row("decode + preprocess only (PIL, 1 process)", n, timed(lambda: [bb.preprocess(ds.load_image(s)) for s in samples]))
-    pixels = torch.stack([bb.preprocess(ds.load_image(s)) for s in samples[:64]])
-    row("image tower only (batch 64, channels-last)", 64, timed(lambda: bb.encode_images(pixels), repeat=2))
-    for w in sorted({0, workers}):
-        with tempfile.TemporaryDirectory() as cache:
-            row(f"end to end, PIL, {w} loader workers", n,
-                timed(lambda: extract_features(bb, ds, "test", samples=samples, cache_dir=cache, num_workers=w,
-                                               progress=False)))
-    with tempfile.TemporaryDirectory() as cache:
-        extract_features(bb, ds, "test", samples=samples, cache_dir=cache, progress=False)
-        row("cached (second run reads the cache)", n,
-            timed(lambda: extract_features(bb, ds, "test", samples=samples, cache_dir=cache, progress=False)))
+    torch_bb = load_backbone(spec, engine="torch", cache_dir=cache)
+    onnx_bb = load_backbone(spec, engine="auto", cache_dir=cache)
+    onnx_bb.active_engine("image")
+    workers = auto_workers(len(samples), 64, torch.device("cpu"))
+    print(f"\n#### {torch_bb.name}: end to end, {n} images, batch 64\n")
+    print("| path | img/s | x PyTorch fp32 |\n|---|---:|---:|")
+    base = None
+    rows = [("PyTorch fp32, 0 loader workers (old default)", torch_bb, 0),
+            (f"{onnx_bb.active_engine()} fp32 (auto engine), 0 loader workers", onnx_bb, 0),
+            (f"{onnx_bb.active_engine()} fp32 (auto engine), {workers} loader worker(s) (default)", onnx_bb, None)]
+    for name, bb, w in rows:
+        with tempfile.TemporaryDirectory() as feats:
+            seconds = timed(lambda: extract_features(bb, ds, "test", samples=samples, cache_dir=feats,
+                                                     num_workers=w, progress=False))
+        rate = n / seconds
+        base = base or rate
+        print(f"| {name} | {rate:,.1f} | {rate / base:.2f} |")
+    with tempfile.TemporaryDirectory() as feats:
+        extract_features(onnx_bb, ds, "test", samples=samples, cache_dir=feats, progress=False)
+        seconds = timed(lambda: extract_features(onnx_bb, ds, "test", samples=samples, cache_dir=feats, progress=False))
+    print(f"| cached rerun (verified read) | {n / seconds:,.0f} | {n / seconds / base:.2f} |")
 
 
 def gpu_bench(n: int, workers: int) -> None:
@@ -92,25 +161,39 @@ def gpu_bench(n: int, workers: int) -> None:
                 bb.encode_images(x)
 
     tower()
-    row("image tower only (batch 512)", 2048, timed(tower, repeat=3))
+    s = timed(tower, repeat=3)
+    print(f"| image tower only (batch 512) | 2048 | {s:.2f} | {2048 / s:,.0f} |")
     for decode, w in (("pil", workers), ("tensor", 4)):
         with tempfile.TemporaryDirectory() as cache:
-            run = lambda: extract_features(bb, ds, "test", cache_dir=cache, batch_size=512, dtype="bf16",  # noqa: E731
-                                           num_workers=w, decode=decode, progress=False)
-            row(f"end to end, decode={decode}, {w} workers", n, timed(run))
+            s = timed(lambda: extract_features(bb, ds, "test", cache_dir=cache, batch_size=512, dtype="bf16",
+                                               num_workers=w, decode=decode, progress=False))
+            print(f"| end to end, decode={decode}, {w} workers | {n} | {s:.2f} | {n / s:,.0f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=512, help="images for the CPU run")
+    parser.add_argument("--n", type=int, default=512, help="images end to end (offline default)")
+    parser.add_argument("--fid-n", type=int, default=256, help="images for tower speed and fidelity")
+    parser.add_argument("--vit-n", type=int, default=128, help="images for openclip:ViT-B-32 (tower and end to end)")
+    parser.add_argument("--no-compile", action="store_true", help="bf16 row eager (compiling takes minutes here)")
+    parser.add_argument("--no-vit", action="store_true", help="skip openclip:ViT-B-32")
     parser.add_argument("--gpu-n", type=int, default=4096, help="images for the GPU run")
-    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="GPU loader workers")
     args = parser.parse_args()
-    cpu_bench(args.n, min(args.workers, 1))
+    warnings.filterwarnings("ignore", message="No pretrained weights")
+    ds, label = _dataset()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"### CPU: {os.cpu_count()} cores, load average {load:.1f} at start; data: {label}")
+    cache = str(DEFAULT_CACHE_DIR)  # exports and the bridge's ridge map persist; features go to temp folders
+    tower_table("bridge:lite0-minilm", ds, args.fid_n, not args.no_compile, cache)
+    end_to_end_table("bridge:lite0-minilm", ds, args.n, cache)
+    if not args.no_vit:
+        tower_table("openclip:ViT-B-32", ds, args.vit_n, not args.no_compile, cache)
+        end_to_end_table("openclip:ViT-B-32", ds, args.vit_n, cache)
     if torch.cuda.is_available():
         gpu_bench(args.gpu_n, args.workers)
     else:
-        print("\n(no GPU: the openclip:ViT-B-16 bf16 figures need one)")
+        print("\n(no GPU: the openclip:ViT-B-16 bf16 GPU figures need one)")
 
 
 if __name__ == "__main__":

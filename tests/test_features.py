@@ -3,6 +3,7 @@ corrupt images, patch tokens and FeatureSet validation (all with the seeded ``ti
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 import warnings
@@ -193,6 +194,38 @@ def test_damaged_cache_is_recomputed_with_warning(bb, ds, tmp_path, monkeypatch,
         warnings.simplefilter("error")
         _extract(bb, ds, tmp_path)  # repaired: a clean hit
     assert calls == []
+
+
+@pytest.mark.parametrize("tamper", ["tensors", "key", "ids", "old-format"])
+def test_tampered_cache_entry_is_recomputed(bb, ds, tmp_path, monkeypatch, tamper):
+    """An entry is only reused when it matches its record: the key it was written for, ids, shapes, dtypes and
+    a digest of the tensors' contents; anything else is recomputed with a warning naming the mismatch."""
+    from safetensors.torch import save_file
+
+    ref = _extract(bb, ds, tmp_path)
+    (entry,) = (tmp_path / "features").glob("*.safetensors")
+    side = entry.with_suffix(".json")
+    record = json.loads(side.read_text())
+    if tamper == "tensors":  # a well-formed file with other numbers of the same shape and dtype
+        save_file({"x": torch.flip(ref.features, [0]).contiguous()}, str(entry))
+        match = "contents replaced"
+    elif tamper == "key":  # a record written for another backbone
+        record["meta"]["fingerprint"] = "someone-else"
+        side.write_text(json.dumps(record))
+        match = "another key"
+    elif tamper == "ids":  # rows relabelled: the ids no longer are the samples the key names
+        record["ids"] = record["ids"][::-1]
+        side.write_text(json.dumps(record))
+        match = "id list"
+    else:  # written before tensor digests were recorded
+        del record["tensors"]
+        side.write_text(json.dumps(record))
+        match = "no tensor digests"
+    calls = _count_calls(monkeypatch, bb)
+    with pytest.warns(UserWarning, match=match):
+        fs = _extract(bb, ds, tmp_path)
+    assert sum(calls) == 12
+    assert torch.equal(fs.features, ref.features) and fs.ids == ref.ids
 
 
 # ---------------------------------------------------------------------------------------------- augmented views

@@ -220,9 +220,17 @@ def _tensor_record(tensors: dict[str, torch.Tensor]) -> dict:
             for k, v in sorted(tensors.items())}
 
 
-def _load_entry(path: Path, meta: dict) -> tuple[list[str], dict[str, torch.Tensor], dict]:
-    """Read an entry and check it against its record: the key it was written for, ids, shapes, dtypes and a
-    content digest of every tensor. Raises `_Unusable` naming the first mismatch."""
+def _ids_fit(ids: list[str], expected: list[str], subset_ok: bool) -> bool:
+    """``ids`` are exactly ``expected`` or, where skipped images are allowed, an in-order subset of them."""
+    if not subset_ok or len(ids) == len(expected):
+        return ids == expected
+    it = iter(expected)
+    return all(any(i == e for e in it) for i in ids)
+
+
+def _load_entry(path: Path, meta: dict, expected_ids: list[str]) -> tuple[list[str], dict[str, torch.Tensor], dict]:
+    """Read an entry and check it against its record: the key it was written for, the sample ids the key
+    names, shapes, dtypes and a content digest of every tensor. Raises `_Unusable` naming the first mismatch."""
     side = path.with_suffix(".json")
     try:
         record = json.loads(side.read_text())
@@ -239,6 +247,8 @@ def _load_entry(path: Path, meta: dict) -> tuple[list[str], dict[str, torch.Tens
     if set(expected) != set(tensors):
         raise _Unusable(f"tensors {sorted(tensors)} do not match the recorded {sorted(expected)}")
     ids = record["ids"]
+    if not _ids_fit(ids, expected_ids, bool(meta.get("skip_corrupt"))):
+        raise _Unusable("its id list is not the samples its key names")
     for name, t in tensors.items():
         want = expected[name]
         if list(t.shape) != want.get("shape") or str(t.dtype) != want.get("dtype"):
@@ -268,11 +278,12 @@ def _write_entry(path: Path, ids: list[str], tensors: dict[str, torch.Tensor], m
         raise
 
 
-def _try_load(path: Path, meta: dict, what: str = "feature cache") -> tuple[list[str], dict, dict] | None:
+def _try_load(path: Path, meta: dict, expected_ids: list[str],
+              what: str = "feature cache") -> tuple[list[str], dict, dict] | None:
     if not path.is_file():
         return None
     try:
-        return _load_entry(path, meta)
+        return _load_entry(path, meta, expected_ids)
     except _Unusable as exc:  # a damaged or mismatched entry is recomputed, never trusted
         warnings.warn(f"recomputing {what} entry {path}: {exc}", stacklevel=4)
         return None
@@ -296,7 +307,7 @@ def _merge_info(infos: list[dict]) -> dict:
 Compute = Callable[[int, int], tuple[list[str], dict[str, torch.Tensor], dict]]
 
 
-def _cached(path: Path, compute: Compute, meta: dict, n: int, batch_size: int,
+def _cached(path: Path, compute: Compute, meta: dict, sample_ids: list[str], batch_size: int,
             shard: Shard | None = None) -> tuple[list[str], dict[str, torch.Tensor], dict, bool]:
     """Load ``path`` if present and verified, else compute rows [0, n) and write it atomically.
 
@@ -304,7 +315,8 @@ def _cached(path: Path, compute: Compute, meta: dict, n: int, batch_size: int,
     batches into its own shard file (atomic, verified, reused by a rerun), and rank 0 merges them into
     the same entry one process would write. Returns (ids, tensors, info, hit).
     """
-    hit = _try_load(path, meta)
+    n = len(sample_ids)
+    hit = _try_load(path, meta, sample_ids)
     if hit is not None:
         return (*hit, True)
     if shard is None:
@@ -320,8 +332,12 @@ def _cached(path: Path, compute: Compute, meta: dict, n: int, batch_size: int,
         lo, hi = Shard(rank, shard.world).batch_range(n, batch_size)
         return {**meta, "shard": [rank, shard.world, batch_size, lo, hi]}
 
+    def shard_ids(rank: int) -> list[str]:
+        lo, hi = Shard(rank, shard.world).batch_range(n, batch_size)
+        return sample_ids[lo:hi]
+
     mine = shard_path(shard.rank)
-    if _try_load(mine, shard_meta(shard.rank), "feature shard") is None:  # a finished shard is reused as is
+    if _try_load(mine, shard_meta(shard.rank), shard_ids(shard.rank), "feature shard") is None:  # reuse finished
         lo, hi = shard.batch_range(n, batch_size)
         ids, tensors, info = compute(lo, hi) if hi > lo else ([], {}, {})
         if ids:
@@ -332,7 +348,7 @@ def _cached(path: Path, compute: Compute, meta: dict, n: int, batch_size: int,
     if shard.is_main:
         parts = []
         for rank in range(shard.world):
-            loaded = _try_load(shard_path(rank), shard_meta(rank), "feature shard")
+            loaded = _try_load(shard_path(rank), shard_meta(rank), shard_ids(rank), "feature shard")
             if loaded is None:
                 raise ResourceError(f"feature shard of rank {rank} is missing under {folder}",
                                     hint="with several nodes, --cache-dir must be on a filesystem all nodes share")
@@ -343,7 +359,7 @@ def _cached(path: Path, compute: Compute, meta: dict, n: int, batch_size: int,
         _write_entry(path, ids, tensors, meta, _merge_info([p[2] for p in parts]))
         shutil.rmtree(folder, ignore_errors=True)
     shard.barrier()
-    loaded = _try_load(path, meta)
+    loaded = _try_load(path, meta, sample_ids)
     if loaded is None:
         raise ResourceError(f"merged feature entry {path} is not readable on rank {shard.rank}",
                             hint="with several nodes, --cache-dir must be on a filesystem all nodes share")
@@ -455,6 +471,7 @@ def extract_features(backbone: VisionLanguageBackbone, dataset: ImageDataset, sp
     dt = _resolve_dtype(dtype, backbone.device)
     root = Path(cache_dir) / "features"
     calib = _calibration_samples(dataset, samples) if dt == "int8" else []
+    sample_ids = [s.id for s in samples]
 
     def embed(transform, seed, desc):
         def compute(lo: int, hi: int):
@@ -470,7 +487,7 @@ def extract_features(backbone: VisionLanguageBackbone, dataset: ImageDataset, sp
     meta.update(_dtype_key(dt, backbone.device, calib))
     ids, tensors, info, _ = _cached(root / f"{stable_hash(meta)}.safetensors",
                                     embed(backbone.preprocess, None, f"embed {dataset.name}/{split}"), meta,
-                                    len(samples), batch_size, ranks)
+                                    sample_ids, batch_size, ranks)
     _report_fidelity(info, f"{dataset.name}/{split}", progress)
     feats = tensors["x"]
     views = None
@@ -483,7 +500,7 @@ def extract_features(backbone: VisionLanguageBackbone, dataset: ImageDataset, sp
             vmeta = {**meta, "kind": "augment", "pipeline": describe(aug), "view": v, "augment_seed": augment_seed}
             vids, vt, _, _ = _cached(root / f"{stable_hash(vmeta)}.safetensors",
                                      embed(aug, augment_seed * 1000 + v, f"view {v + 1}/{augment_views}"), vmeta,
-                                     len(samples), batch_size, ranks)
+                                     sample_ids, batch_size, ranks)
             if vids != ids:  # only possible when corrupt images were skipped
                 raise DatasetError("augmented views and eval features cover different images",
                                    hint="remove the unreadable files instead of skipping them")
@@ -529,6 +546,6 @@ def extract_tokens(backbone: VisionLanguageBackbone, dataset: ImageDataset, spli
         return [part[i].id for i in kept], {"x": out.to(token_dtype)}, info
 
     ids, tensors, info, _ = _cached(Path(cache_dir) / "features" / f"{stable_hash(meta)}.safetensors", compute,
-                                    meta, len(samples), batch_size, ranks)
+                                    meta, [s.id for s in samples], batch_size, ranks)
     _report_fidelity(info, f"tokens {dataset.name}/{split}", progress)
     return ids, tensors["x"]

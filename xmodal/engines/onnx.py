@@ -96,6 +96,8 @@ def _session(path: Path) -> tuple[Any, str]:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = max(1, torch.get_num_threads())
     opts.inter_op_num_threads = 1
+    # no busy-waiting between ops: loader workers (and other programs) share these cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return session, session.get_inputs()[0].name
