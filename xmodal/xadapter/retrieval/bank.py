@@ -308,9 +308,18 @@ class RetrievalBank:
             "dataset": dataset_spec or getattr(dataset, "spec", None) or getattr(dataset, "name", type(dataset).__name__),
             "split": split,
         }
-        return cls.from_embeddings(fs.features, out_dir, ids=list(fs.ids), tokens=tokens, index=kind,
-                                   nlist=nlist, nprobe=nprobe, meta=meta,
-                                   device=device if device is not None else getattr(backbone, "device", None))
+        target_device = device if device is not None else getattr(backbone, "device", None)
+        from ...shards import current_shard
+
+        ranks = current_shard()  # under torchrun / accelerate: extraction was sharded, rank 0 writes the bank
+        if ranks is not None and not ranks.is_main:
+            ranks.barrier()
+            return cls.load(out_dir, device=target_device)
+        bank = cls.from_embeddings(fs.features, out_dir, ids=list(fs.ids), tokens=tokens, index=kind,
+                                   nlist=nlist, nprobe=nprobe, meta=meta, device=target_device)
+        if ranks is not None:
+            ranks.barrier()
+        return bank
 
     @classmethod
     def from_embeddings(
