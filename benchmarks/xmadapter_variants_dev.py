@@ -30,6 +30,8 @@ VARIANTS = {
     "xmadapter net_lr1e-2 fallback (default)": ("xmadapter", {}),
     "xmadapter net_lr1e-3 fallback": ("xmadapter", {"net_lr": 1e-3}),
     "xmadapter net_lr1e-2 no fallback": ("xmadapter", {"fallback": False}),
+    "xmadapter fallback margin 1": ("xmadapter", {"fallback_margin": 1}),
+    "xmadapter fallback margin 2": ("xmadapter", {"fallback_margin": 2}),
     "ape": ("ape", {}),
     "ape-t lr1e-3": ("ape-t", {"lr": 1e-3}),
     "ape-t lr1e-4 (default)": ("ape-t", {}),

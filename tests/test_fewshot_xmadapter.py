@@ -120,3 +120,18 @@ def test_trained_default_searches_gamma_on_validation(task):
     m = create_method("xmadapter", seed=0, epochs=3).fit(support, val, text)
     assert m.selected_["gamma_mode"] == "search"
     assert min(abs(m.selected_["gamma"] - 0.1 * i) for i in range(11)) < 1e-6  # a grid point, not a learned value
+
+
+@pytest.mark.parametrize("margin", [0, 1, 50])
+def test_xmadapter_never_below_its_tip_adapter_f_stage_on_validation(task, margin):
+    support, val, test, text = task
+    tipf = create_method("tip-adapter-f", seed=2, epochs=4).fit(support, val, text)
+    xm = create_method("xmadapter", seed=2, epochs=4, fallback_margin=margin).fit(support, val, text)
+    sel = xm.selected_
+    assert sel["stage1"]["val_acc"] == tipf.selected_["val_acc"]
+    assert sel["val_acc"] >= sel["stage1"]["val_acc"]
+    assert sel["val_acc"] >= tipf.selected_["val_acc_training_free"]         # ≥ Tip-Adapter on validation too
+    if margin == 50:                                                        # unreachable margin: always falls back
+        assert sel["kept"] == "tip-adapter-f" and sel["gamma"] == 1.0
+    if sel["kept"] == "tip-adapter-f":                                      # the fallback *is* Tip-Adapter-F
+        assert torch.allclose(xm.decision_scores(test.features), tipf.decision_scores(test.features), atol=1e-5)

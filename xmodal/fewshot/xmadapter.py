@@ -192,7 +192,8 @@ class XMAdapter(_XMBase):
        (learned modes) trained with hard-sample weighted CE. Epoch 0 (untrained text branch) is a candidate;
        epochs are selected on validation log-loss (ties: accuracy), scored at the best γ of the grid in
        "search" mode; then γ, α, β (β_t tied) are grid-searched on validation.
-    3. Fallback (``fallback``; default on in "search" mode): unless stage 2 beats stage 1 on validation (higher accuracy, or equal accuracy and lower
+    3. Fallback (``fallback``; default on in "search" mode): unless stage 2 classifies at least
+       ``fallback_margin`` more validation images correctly than stage 1 (0: at least as many, with a lower
        log-loss), the model *is* the stage-1 Tip-Adapter-F (γ = 1, its keys, α, β).
 
     Default ``gamma_mode="search"`` (papers.md B.3.4 option (c)); see docs/fewshot.md for the development
@@ -202,9 +203,10 @@ class XMAdapter(_XMBase):
     training_free = False
 
     def __init__(self, seed: int = 0, device: str = "cpu", logit_scale: float = 100.0, *,
-                 gamma_mode: str = "search", fallback: bool | None = None, **params) -> None:
+                 gamma_mode: str = "search", fallback: bool | None = None, fallback_margin: int = 0,
+                 **params) -> None:
         super().__init__(seed=seed, device=device, logit_scale=logit_scale, gamma_mode=gamma_mode, **params)
-        self.fallback = fallback
+        self.fallback, self.fallback_margin = fallback, fallback_margin
 
     def _uses_fallback(self) -> bool:
         """Default: fall back to Tip-Adapter-F in "search" mode only; the other γ modes are ablation readings."""
@@ -269,7 +271,13 @@ class XMAdapter(_XMBase):
         acc2 = chosen["val_acc"]
         stage2 = {"stage2_epoch": int(best_epoch), "stage2_val_acc": float(acc2), "stage2_val_loss": float(loss2),
                   "val_acc_per_epoch": [float(a) for a in curve], "val_loss_per_epoch": [float(v) for v in losses]}
-        wins = acc2 > ts["val_acc"] or (acc2 == ts["val_acc"] and loss2 < ts["val_loss"])
+        # stage 2 must classify at least `fallback_margin` more validation images correctly (0: or as many,
+        # with a lower log-loss)
+        gained = round((acc2 - ts["val_acc"]) * len(yv))
+        if self.fallback_margin > 0:
+            wins = gained >= self.fallback_margin
+        else:
+            wins = gained > 0 or (gained == 0 and loss2 < ts["val_loss"])
         if wins or not self._uses_fallback():
             self.selected_ = {**chosen, **common, **stage2, "val_loss": float(loss2), "kept": "xmadapter"}
         else:
