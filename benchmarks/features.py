@@ -67,6 +67,12 @@ def _dataset():
     return load_dataset(f"imagefolder:{make_jpegs(Path(tempfile.mkdtemp()), 512)}"), "generated 500x375 JPEG"
 
 
+def _load(spec: str, engine: str, cache: str):
+    """Seeded: a spec without weights (random init) must give the same model to every engine compared."""
+    torch.manual_seed(0)
+    return load_backbone(spec, engine=engine, cache_dir=cache)
+
+
 def _batched(fn, pixels: torch.Tensor, batch: int = 64) -> torch.Tensor:
     return torch.cat([fn(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
 
@@ -76,12 +82,12 @@ def tower_table(spec: str, ds, fid_n: int, compile_bf16: bool, cache: str) -> No
     from xmodal.engines.bf16 import bf16_tower
     from xmodal.engines.int8 import int8_tower
 
-    bb = load_backbone(spec, engine="torch", cache_dir=cache)
+    bb = _load(spec, "torch", cache)
     samples = ds.samples("test")
     samples = samples[:: max(1, len(samples) // fid_n)][:fid_n]
     pixels = torch.stack([bb.preprocess(ds.load_image(s)) for s in samples])
     weights = text_classifier(bb, ds.classnames, ds.templates[:1])
-    onnx_bb = load_backbone(spec, engine="onnx", cache_dir=cache)
+    onnx_bb = _load(spec, "onnx", cache)
     t = time.perf_counter()
     engine = onnx_bb.active_engine("image")
     prep_onnx = time.perf_counter() - t
@@ -125,8 +131,8 @@ def tower_table(spec: str, ds, fid_n: int, compile_bf16: bool, cache: str) -> No
 def end_to_end_table(spec: str, ds, n: int, cache: str) -> None:
     """Decode + transform + tower + cache write, fresh cache each row (exports prepared beforehand)."""
     samples = ds.samples("test")[:n]
-    torch_bb = load_backbone(spec, engine="torch", cache_dir=cache)
-    onnx_bb = load_backbone(spec, engine="auto", cache_dir=cache)
+    torch_bb = _load(spec, "torch", cache)
+    onnx_bb = _load(spec, "auto", cache)
     onnx_bb.active_engine("image")
     workers = auto_workers(len(samples), 64, torch.device("cpu"))
     print(f"\n#### {torch_bb.name}: end to end, {n} images, batch 64\n")
@@ -177,6 +183,7 @@ def main() -> None:
     parser.add_argument("--vit-n", type=int, default=128, help="images for openclip:ViT-B-32 (tower and end to end)")
     parser.add_argument("--no-compile", action="store_true", help="bf16 row eager (compiling takes minutes here)")
     parser.add_argument("--no-vit", action="store_true", help="skip openclip:ViT-B-32")
+    parser.add_argument("--no-lite0", action="store_true", help="skip bridge:lite0-minilm")
     parser.add_argument("--gpu-n", type=int, default=4096, help="images for the GPU run")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="GPU loader workers")
     args = parser.parse_args()
@@ -185,8 +192,9 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"### CPU: {os.cpu_count()} cores, load average {load:.1f} at start; data: {label}")
     cache = str(DEFAULT_CACHE_DIR)  # exports and the bridge's ridge map persist; features go to temp folders
-    tower_table("bridge:lite0-minilm", ds, args.fid_n, not args.no_compile, cache)
-    end_to_end_table("bridge:lite0-minilm", ds, args.n, cache)
+    if not args.no_lite0:
+        tower_table("bridge:lite0-minilm", ds, args.fid_n, not args.no_compile, cache)
+        end_to_end_table("bridge:lite0-minilm", ds, args.n, cache)
     if not args.no_vit:
         tower_table("openclip:ViT-B-32", ds, args.vit_n, not args.no_compile, cache)
         end_to_end_table("openclip:ViT-B-32", ds, args.vit_n, cache)
