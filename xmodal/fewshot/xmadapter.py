@@ -203,7 +203,7 @@ class XMAdapter(_XMBase):
     training_free = False
 
     def __init__(self, seed: int = 0, device: str = "cpu", logit_scale: float = 100.0, *,
-                 gamma_mode: str = "search", fallback: bool | None = None, fallback_margin: int = 0,
+                 gamma_mode: str = "search", fallback: bool | None = None, fallback_margin: int = 1,
                  **params) -> None:
         super().__init__(seed=seed, device=device, logit_scale=logit_scale, gamma_mode=gamma_mode, **params)
         self.fallback, self.fallback_margin = fallback, fallback_margin
