@@ -202,7 +202,10 @@ def _make_accelerator(device: str):
         raise XmodalError("--device cuda was requested but no CUDA device is visible")
     # gates can switch experts off, leaving parameters without gradients under DDP
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    return Accelerator(cpu=device == "cpu", kwargs_handlers=handlers)
+    # "auto" without a GPU is the CPU: say so, so that under a launcher (torchrun, `accelerate launch
+    # --multi_gpu`) the processes join one gloo group instead of training alone
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return Accelerator(cpu=cpu, kwargs_handlers=handlers)
 
 
 # ----- the parts of a run ---------------------------------------------------------------------------
