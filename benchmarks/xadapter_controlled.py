@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-colors", default="", help="also probe the whole Memory Colors CSV (slower)")
     ap.add_argument("--arms", default="real,shuffled,zero")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--mask-ratio", type=float, default=0.15)

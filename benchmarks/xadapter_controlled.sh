@@ -3,10 +3,10 @@
 # same PLM / corpus / steps / seeds / MLM-head recipe, 3 seeds per arm, probes + paired bootstrap.
 #
 # Budget (environment variables, defaults = the run reported in docs/xadapter-results.md):
-#   STEPS=150 BATCH=16 LR=5e-4 SEEDS=0,1,2 ARMS=real,shuffled,zero EXPERTS=v K=4
+#   STEPS=100 BATCH=16 LR=5e-4 SEEDS=0,1,2 ARMS=real,shuffled,zero EXPERTS=v K=4
 #   OUT=runs/xa-controlled  POOL=../shared/data/tiny-imagenet  BACKBONE=bridge:lite0-minilm
-# On 2 CPU cores to itself this takes about 45 minutes (bank ~5, 9 adaptation runs, 33 probe passes);
-# on shared cores proportionally longer. Every step is resumable: rerun the script to continue.
+# Measured on 2 CPU cores shared with other jobs: bank 47 min, then 9 adaptation runs + probes ~35 min;
+# Every step is resumable: rerun the script to continue.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -30,7 +30,7 @@ fi
 
 # 3. train 3 arms x seeds, probe, statistics, diagnosis
 $PY benchmarks/xadapter_controlled.py --out "$OUT" --bank "$OUT/bank" --backbone "$BACKBONE" \
-    --steps "${STEPS:-150}" --batch-size "${BATCH:-16}" --lr "${LR:-5e-4}" --seeds "${SEEDS:-0,1,2}" \
+    --steps "${STEPS:-100}" --batch-size "${BATCH:-16}" --lr "${LR:-5e-4}" --seeds "${SEEDS:-0,1,2}" \
     --arms "${ARMS:-real,shuffled,zero}" --experts "${EXPERTS:-v}" --k "${K:-4}" 2> >(tee -a "$OUT/controlled.log" >&2)
 
 # 4. the Markdown tables for the docs and the README

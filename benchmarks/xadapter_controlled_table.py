@@ -15,7 +15,30 @@ PROBE_NAMES = {"image-grounded": "image-grounded colours (tiny-imagenet-colors.c
                "memory-colors": "Memory Colors (all 109 objects)"}
 
 
-def render(res: dict) -> str:
+def gold_probability(run_dir: Path) -> dict | None:
+    """Mean probability of the gold colour (softmax within the candidates) and mean rank of the gold colour
+    on the image-grounded probe: finer than argmax accuracy when every prediction is one colour."""
+    path = run_dir / "probe-image-grounded.json"
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())
+    cands = r["candidates"]
+    probs, ranks, preds = [], [], {}
+    for p in r["predictions"]:
+        g = cands.index(p["gold"])
+        probs.append(p["probs"][g])
+        ranks.append(1 + sum(x > p["probs"][g] for x in p["probs"]))
+        preds[p["pred"]] = preds.get(p["pred"], 0) + 1
+    return {"gold_prob": 100 * sum(probs) / len(probs), "gold_rank": sum(ranks) / len(ranks), "preds": preds}
+
+
+def _ms(xs: list[float]) -> str:
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def render(res: dict, root: Path | None = None) -> str:
     b = res["budget"]
     lines = [f"Budget: {b['steps']} MLM steps x batch {b['batch_size']}, lr {b['lr']}, experts {b['experts']}, "
              f"k={b['k']}, PLM {b['plm']} (fresh MLM head trained in every arm), VLM {b['backbone']} "
@@ -43,6 +66,22 @@ def render(res: dict) -> str:
                   f"real {real['mean']:.2f} ± {real['std']:.2f}, "
                   + ", ".join(f"{n.split('@')[1]} {res['table'][n]['real']['mean']:.2f} ± "
                               f"{res['table'][n]['real']['std']:.2f}" for n in swaps) + "."]
+    if root is not None:
+        rows = []
+        for a in arms:
+            g = [gold_probability(root / f"{a}-s{s}") for s in res["seeds"]]
+            g = [x for x in g if x]
+            if g:
+                preds = {}
+                for x in g:
+                    for k, v in x["preds"].items():
+                        preds[k] = preds.get(k, 0) + v
+                top = ", ".join(f"{k} {v}" for k, v in sorted(preds.items(), key=lambda kv: -kv[1])[:3])
+                rows.append(f"| {ARM_NAMES[a]} | {_ms([x['gold_prob'] for x in g])} | "
+                            f"{_ms([x['gold_rank'] for x in g])} | {top} |")
+        if rows:
+            lines += ["", "| arm (image-grounded probe) | probability of the gold colour, % | rank of the gold colour "
+                      "| most frequent predictions (all seeds) |", "|---|---|---|---|"] + rows
     r = res["retrieval"]
     lines += ["", "| retrieval query (k = %d) | queries | precision@k | top-1 |" % r["class_prompt"]["k"], "|---|---|---|---|"]
     for key, label in (("class_prompt", '"a photo of a {class}."'), ("caption_template", "caption-like templates"),
@@ -68,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: xadapter_controlled_table.py RESULTS_JSON", file=sys.stderr)
         return 2
-    sys.stdout.write(render(json.loads(Path(argv[0]).read_text())))
+    path = Path(argv[0])
+    sys.stdout.write(render(json.loads(path.read_text()), path.parent))
     return 0
 
 
