@@ -294,10 +294,14 @@ class XMAdapter(_XMBase):
             zs = m.zero_shot(fv)
             p_img = m.img_affinity(fv, beta)
             p_txt = m.txt_affinity(fv, beta if beta_t is None else beta_t)
+            g = torch.tensor(gammas, dtype=zs.dtype, device=zs.device)[:, None, None]
+            logits = zs[None] + alpha * (g * p_img[None] + (1 - g) * p_txt[None])        # (G, M, C), all γ at once
+            n_g, n_m, n_c = logits.shape
+            losses = torch.nn.functional.cross_entropy(logits.reshape(-1, n_c), yv.repeat(n_g),
+                                                       reduction="none").view(n_g, n_m).mean(1)
+            accs = (logits.argmax(-1) == yv).float().mean(1)
             best = None
-            for g in gammas:
-                p = p_img if g == 1.0 else g * p_img + (1 - g) * p_txt
-                cand = val_loss_acc(zs + alpha * p, yv)
+            for cand in zip(losses.tolist(), accs.tolist()):
                 if better(cand, best):
                     best = cand
             return best
