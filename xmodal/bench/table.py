@@ -204,7 +204,7 @@ def fit_time_block(s: Summary) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m xmodal.bench.table RESULTS.jsonl [OUT_DIR]``: re-render table.md and the plot from every row
     of a results file (e.g. after several ``xmodal bench`` runs with different options into one folder,
-    whose own table shows only its grid). Methods and datasets keep the file's order."""
+    whose own table shows only its grid). Datasets keep the file's order; methods too unless --methods."""
     import argparse
     import os
     from pathlib import Path
@@ -215,15 +215,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("results")
     p.add_argument("out_dir", nargs="?")
+    p.add_argument("--methods", help="comma-separated method order (default: the file's order)")
     args = p.parse_args(argv)
     rows = read_rows(args.results)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     out = Path(args.out_dir or Path(args.results).parent)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown_table(rows)
+    text = markdown_table(rows, methods=methods)
     tmp = out / f".table.md.{os.getpid()}.tmp"
     tmp.write_text(text + "\n")
     os.replace(tmp, out / "table.md")
-    plot_accuracy_vs_shots(rows, out / "accuracy_vs_shots.png")
+    plot_accuracy_vs_shots(rows, out / "accuracy_vs_shots.png", methods=methods)
     print(text)
 
 
