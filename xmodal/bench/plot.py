@@ -34,6 +34,10 @@ def plot_accuracy_vs_shots(rows: Iterable[dict[str, Any]], path: str | os.PathLi
     fig = Figure(figsize=(4.6 * ncols, 3.6 * nrows))
     FigureCanvasAgg(fig)
     multi_backbone = len(summaries) > 1
+    import matplotlib
+
+    tab20 = matplotlib.colormaps["tab20"].colors  # 20 distinct colours: the dark half first, then the light
+    palette = list(tab20[0::2]) + list(tab20[1::2])
     for i, (title, series) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         markers = "osD^v<>pX*h"
@@ -49,13 +53,14 @@ def plot_accuracy_vs_shots(rows: Iterable[dict[str, Any]], path: str | os.PathLi
                 ys = [st.mean for _, st in pts]
                 es = [0.0 if math.isnan(st.std) else st.std for _, st in pts]
                 label = f"{m} [{s.backbone}]" if multi_backbone else m
-                ax.errorbar(xs, ys, yerr=es, marker=markers[j % len(markers)], markersize=3.5, capsize=3, linewidth=1.4, label=label)
+                ax.errorbar(xs, ys, yerr=es, marker=markers[j % len(markers)], markersize=3.5, capsize=3, linewidth=1.4,
+                            label=label, color=palette[j % len(palette)])
         shots = sorted({k for s, _ in series for k in s.shots})
         if shots and shots[0] > 0:
             ax.set_xscale("log", base=2)
             ax.set_xticks(shots)
             ax.set_xticklabels([str(k) for k in shots])
-        flag = " [ImageNet images: flatters the backbone]" if dataset_notes(title) else ""
+        flag = "\n(ImageNet images: flatters an ImageNet-trained backbone)" if dataset_notes(title) else ""
         ax.set_title(title + flag, fontsize=9)
         ax.set_xlabel("shots per class")
         ax.set_ylabel("top-1 (%)")
