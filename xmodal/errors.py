@@ -24,8 +24,9 @@ class XmodalError(Exception):
             self.hint = hint
 
 
-class UsageError(XmodalError):
-    """Options that cannot work together, or a value outside what an option accepts."""
+class UsageError(XmodalError, ValueError):
+    """Options that cannot work together, or a value outside what an option accepts (also a ValueError,
+    for library callers that catch that)."""
 
     exit_code = EXIT_USAGE
     hint = "see the command's --help"
