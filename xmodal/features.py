@@ -64,14 +64,15 @@ class _Rows(Dataset):
     def __getitem__(self, i: int):
         sample = self.samples[i]
         if self.transform is None:  # tensor-decode path: hand over the encoded file
-            from torchvision.io import read_file
-
             if sample.path is None:
                 raise UsageError("decode='tensor' needs file-backed images",
                                  hint="use decode='pil' for in-memory datasets")
-            try:
-                return (i, (read_file(sample.path), sample.path), None)
-            except RuntimeError as exc:
+            try:  # plain file read: torchvision.io.read_file hangs inside forked loader workers
+                with open(sample.path, "rb") as fh:
+                    data = bytearray(fh.read())
+                blob = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+                return (i, (blob, sample.path), None)
+            except OSError as exc:
                 if self.skip_corrupt:
                     return (i, None, f"{sample.path}: {exc}")
                 raise CorruptImageError(f"cannot read image {sample.path}: {exc}") from exc
