@@ -6,7 +6,7 @@ Human-readable output goes to stdout as rich tables; progress bars and notes go 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -60,7 +60,11 @@ def fewshot_command(
     augment_scope: str = typer.Option("support", "--augment-scope",
                                       help="extract views for the 'support' images only, or the whole train 'split'"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
-    num_workers: int = typer.Option(0, "--num-workers", min=0),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0,
+                                              help="loader workers (default: sized to the cores inference leaves)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="auto, torch or onnx (default: $XMODAL_ENGINE, else auto)"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); reduced "
+                                                      "modes have their own cache entries and result identity"),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="skip unreadable images with a warning"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON document (rows + context) instead of a table"),
 ) -> None:
@@ -75,10 +79,10 @@ def fewshot_command(
 
     dev = resolve_device(device)
     ds = load_dataset(data)  # the cheap check first: a bad spec fails before any weights load
-    bb = load_backbone(backbone, device=dev)
+    bb = load_backbone(backbone, device=dev, cache_dir=cache_dir, engine=engine)
     bank = FeatureBank(bb, ds, augment_views=augment_views, augment_scope=augment_scope, cache_dir=cache_dir,
                        device=dev, batch_size=batch_size, num_workers=num_workers, progress=True,
-                       skip_corrupt=skip_corrupt)
+                       skip_corrupt=skip_corrupt, dtype=None if dtype == "fp32" else dtype)
     rows = run_episode(bank, shots, seed, names, backbone_spec=backbone, dataset_spec=data, device=dev)
     context_keys = ("backbone", "backbone_name", "backbone_fingerprint", "stand_in", "dataset", "dataset_name",
                     "num_classes", "shots", "seed", "templates", "val_rule", "n_support", "n_val", "n_test",
@@ -118,7 +122,11 @@ def bench_command(
     augment_scope: str = typer.Option("split", "--augment-scope",
                                       help="views for the whole train 'split', the 'union' of all support sets, or per-episode 'support'"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
-    num_workers: int = typer.Option(0, "--num-workers", min=0),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0,
+                                              help="loader workers (default: sized to the cores inference leaves)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="auto, torch or onnx (default: $XMODAL_ENGINE, else auto)"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); reduced "
+                                                      "modes have their own cache entries and result identity"),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="skip unreadable images with a warning"),
     test_per_class: int = typer.Option(0, "--test-per-class", min=0,
                                        help="score a fixed seeded subset of N test images per class (0: the whole test split)"),
@@ -138,9 +146,16 @@ def bench_command(
     if len(seeds_l) < 3:
         err.print(f"[yellow]note:[/yellow] {len(seeds_l)} seed(s); averages need at least 3 to be reported")
     dev = resolve_device(device)
-    result = run_sweep(backbone, datasets, shots_l, seeds_l, names, out, cache_dir=cache_dir, device=dev,
+    if engine is not None:  # an explicit engine: build the backbone here (the sweep builds it from the spec)
+        from ..backbones import load_backbone
+
+        bb: Any = load_backbone(backbone, device=dev, cache_dir=cache_dir, engine=engine)
+    else:
+        bb = backbone
+    result = run_sweep(bb, datasets, shots_l, seeds_l, names, out, cache_dir=cache_dir, device=dev,
                        augment_views=augment_views, augment_scope=augment_scope, batch_size=batch_size,
                        num_workers=num_workers, progress=True, skip_corrupt=skip_corrupt,
+                       dtype=None if dtype == "fp32" else dtype,
                        test_per_class=test_per_class or None)
     if result.repaired:
         err.print(f"[yellow]note:[/yellow] {result.results_path}: {result.repaired}")
