@@ -48,6 +48,16 @@ def _emit_json(payload: Any) -> None:
     emit_json(payload, sort_keys=True)
 
 
+# extraction options shared by `fewshot` and `bench` (one definition, so the two commands cannot drift)
+BATCH_SIZE = typer.Option(64, "--batch-size", min=1, help="images per forward pass")
+NUM_WORKERS = typer.Option(None, "--num-workers", min=0, help="loader workers (default: sized to the cores "
+                                                               "inference leaves)")
+ENGINE = typer.Option(None, "--engine", help="auto, torch or onnx (default: $XMODAL_ENGINE, else auto)")
+DTYPE = typer.Option("fp32", "--dtype", help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); reduced modes have "
+                                             "their own cache entries and result identity")
+SKIP_CORRUPT = typer.Option(False, "--skip-corrupt", help="skip unreadable images with a warning")
+
+
 def fewshot_command(
     data: str = typer.Option(..., "--data", help="dataset spec, e.g. imagefolder:PATH, cifar10:PATH, coop:DTD@ROOT, digits"),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="backbone spec (tiny:clip, bridge:lite0-minilm, openclip:..., hf:...)"),
@@ -59,13 +69,11 @@ def fewshot_command(
     augment_views: int = typer.Option(10, "--augment-views", min=0, help="augmented views per support image"),
     augment_scope: str = typer.Option("support", "--augment-scope",
                                       help="extract views for the 'support' images only, or the whole train 'split'"),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0,
-                                              help="loader workers (default: sized to the cores inference leaves)"),
-    engine: Optional[str] = typer.Option(None, "--engine", help="auto, torch or onnx (default: $XMODAL_ENGINE, else auto)"),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); reduced "
-                                                      "modes have their own cache entries and result identity"),
-    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="skip unreadable images with a warning"),
+    batch_size: int = BATCH_SIZE,
+    num_workers: Optional[int] = NUM_WORKERS,
+    engine: Optional[str] = ENGINE,
+    dtype: str = DTYPE,
+    skip_corrupt: bool = SKIP_CORRUPT,
     as_json: bool = typer.Option(False, "--json", help="print one JSON document (rows + context) instead of a table"),
 ) -> None:
     """One few-shot episode: fit each method on K shots (+ validation), report top-1 on test."""
@@ -121,13 +129,11 @@ def bench_command(
     augment_views: int = typer.Option(10, "--augment-views", min=0, help="augmented views per training image"),
     augment_scope: str = typer.Option("split", "--augment-scope",
                                       help="views for the whole train 'split', the 'union' of all support sets, or per-episode 'support'"),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0,
-                                              help="loader workers (default: sized to the cores inference leaves)"),
-    engine: Optional[str] = typer.Option(None, "--engine", help="auto, torch or onnx (default: $XMODAL_ENGINE, else auto)"),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); reduced "
-                                                      "modes have their own cache entries and result identity"),
-    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="skip unreadable images with a warning"),
+    batch_size: int = BATCH_SIZE,
+    num_workers: Optional[int] = NUM_WORKERS,
+    engine: Optional[str] = ENGINE,
+    dtype: str = DTYPE,
+    skip_corrupt: bool = SKIP_CORRUPT,
     test_per_class: int = typer.Option(0, "--test-per-class", min=0,
                                        help="score a fixed seeded subset of N test images per class (0: the whole test split)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON summary document instead of the table"),
