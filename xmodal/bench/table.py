@@ -176,7 +176,7 @@ def markdown_table(rows: Iterable[dict[str, Any]], *, methods: Sequence[str] | N
                      f"({', '.join(s.datasets)}); per seed, then mean ± std over seeds")
         parts += _block(avg_title, lambda k, m: s.average.get((k, m)), s.shots, s.methods, n)
         avg_notes = sorted({note for d in s.datasets for note in dataset_notes(d)})
-        parts += [f"> Includes {note[0].lower()}{note[1:]}" for note in avg_notes] + ([""] if avg_notes else [])
+        parts += [f"> The average includes a dataset with this caveat: {note}" for note in avg_notes] + ([""] if avg_notes else [])
         parts += fit_time_block(s)
     return "\n".join(parts)
 
