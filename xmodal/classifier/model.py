@@ -82,7 +82,7 @@ class FewShotClassifier:
         """Fit on a dataset spec (``imagefolder:PATH``, ``cifar10:PATH`` ...), an ImageFolder path
         (``PATH/train/<class>/*.jpg``, optional ``val/``) or an ``ImageDataset``."""
         from ..backbones import load_backbone
-        from ..bench.run import FeatureBank  # the harness's support/val construction, reused as is
+        from ..feature_bank import FeatureBank  # the harness's support/val construction, reused as is
         from ..cache import stable_hash
         from ..data import fewshot_split
         from ..fewshot import available_methods, create_method
