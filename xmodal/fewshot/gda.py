@@ -54,12 +54,8 @@ def gda_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, shrinkage
     a singular Σ gets the smallest ridge (10⁻⁸·tr(Σ)/D upwards) that makes it positive definite.
     Returns (W, b, s).
     """
-    x = x.double()
+    x, counts, means, xc = _class_means(x, y, num_classes)
     n, d = x.shape
-    counts = torch.bincount(y, minlength=num_classes).double()
-    _check_counts(counts)
-    means = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device).index_add_(0, y, x) / counts[:, None]
-    xc = x - means[y]
     cov = xc.T @ xc / n
     s = ledoit_wolf_shrinkage(xc, cov) if shrinkage == "ledoit-wolf" else float(shrinkage)
     if not 0.0 <= s <= 1.0:
@@ -87,12 +83,8 @@ def published_gda(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[t
     W = μP (C, D), b_c = log(1/C) − ½ μ_c P μ_cᵀ. The matrix is positive definite whenever tr(Ŝ) > 0
     (then pinv = inverse, computed by Cholesky); with no within-class scatter it is 0 and so is P.
     """
-    x = x.double()
+    x, counts, means, xc = _class_means(x, y, num_classes)
     n, d = x.shape
-    counts = torch.bincount(y, minlength=num_classes).double()
-    _check_counts(counts)
-    means = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device).index_add_(0, y, x) / counts[:, None]
-    xc = x - means[y]
     scatter = xc.T @ xc
     trace = float(torch.trace(scatter)) / max(n - 1, 1)
     if trace <= 0:
@@ -103,6 +95,17 @@ def published_gda(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[t
         w = d * torch.cholesky_solve(means.T, chol).T
     b = -0.5 * (w * means).sum(1) + math.log(1.0 / num_classes)
     return w, b
+
+
+def _class_means(x: torch.Tensor, y: torch.Tensor, num_classes: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x in float64, class counts, class means μ_c, centred rows x − μ_y): what both estimators start from."""
+    x = x.double()
+    counts = torch.bincount(y, minlength=num_classes).double()
+    _check_counts(counts)
+    means = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x)
+    means = means / counts[:, None]
+    return x, counts, means, x - means[y]
 
 
 def _check_counts(counts: torch.Tensor) -> None:
