@@ -129,7 +129,7 @@ def cache_grid_search(
     txt_counts: torch.Tensor | None = None,
     gammas: Sequence[float] | torch.Tensor | None = None,
     txt_beta: float | None = None,
-    chunk_elems: int = 1 << 24,
+    chunk_elems: int = 1 << 21,  # ~8 MB per block: cache-friendly; 1 << 24 was 2× slower at 202 classes
     group: int | None = None,
 ) -> tuple[int, int, int, torch.Tensor]:
     """Grid search of (γ, β, α) for cache logits ``zs + α·(γ·A_img + (1−γ)·A_txt)·L`` on validation.
