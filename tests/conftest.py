@@ -41,3 +41,23 @@ def tiny_folder(tmp_path) -> Path:
     from xmodal.bench.testing import make_tiny_imagefolder
 
     return make_tiny_imagefolder(tmp_path / "imgs", classes=3, train=8, test=4)
+
+
+@pytest.fixture
+def tiny_openclip_vit(tmp_path):
+    """A 1-layer random-weight open_clip ViT registered under a test name and saved to a weights file:
+    returns (model, weights path, spec), so tests load it through the real ``openclip:`` spec."""
+    import json
+
+    import open_clip
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                           "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "XmodalTinyViT.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "XmodalTinyViT.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("XmodalTinyViT", pretrained=None)
+    weights = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    return model, weights, f"openclip:XmodalTinyViT/{weights}"

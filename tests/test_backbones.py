@@ -42,25 +42,17 @@ def test_unknown_spec_names_the_known_forms():
         load_backbone("nonsense:model")
 
 
-def test_openclip_random_weights_round_trip(tmp_path):
-    import open_clip
-
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
-                                           "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "XmodalTinyViT.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "XmodalTinyViT.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("XmodalTinyViT", pretrained=None)
-    weights = tmp_path / "tiny.pt"
-    torch.save(model.state_dict(), weights)
-    bb = load_backbone(f"openclip:XmodalTinyViT/{weights}", cache_dir=str(tmp_path))
+def test_openclip_random_weights_round_trip(tmp_path, tiny_openclip_vit):
+    model, _, spec = tiny_openclip_vit
+    bb = load_backbone(spec, cache_dir=str(tmp_path))
     _check_protocol(bb)
     assert bb.image_tokens(torch.zeros(1, 3, 32, 32)).shape == (1, 1 + 16, 16)  # CLS + 4x4 patches
     with torch.inference_mode():
         direct = torch.nn.functional.normalize(model.eval().encode_image(torch.ones(1, 3, 32, 32)), dim=-1)
     assert torch.allclose(bb.encode_images(torch.ones(1, 3, 32, 32)), direct, atol=1e-5)
     # other weights -> other fingerprint (feature caches can never mix them)
+    import open_clip
+
     torch.manual_seed(1)
     torch.save(open_clip.create_model("XmodalTinyViT", pretrained=None).state_dict(), tmp_path / "other.pt")
     assert load_backbone(f"openclip:XmodalTinyViT/{tmp_path / 'other.pt'}").fingerprint() != bb.fingerprint()

@@ -110,18 +110,9 @@ def test_engines_share_the_feature_cache(ds, tmp_path, monkeypatch, one_thread):
     assert calls == [] and torch.equal(hit.features, ref.features)
 
 
-def test_openclip_vit_through_onnx(tmp_path):
-    import open_clip
-
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
-                                           "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "XmodalOnnxViT.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "XmodalOnnxViT.json")
-    torch.manual_seed(0)
-    weights = tmp_path / "vit.pt"
-    torch.save(open_clip.create_model("XmodalOnnxViT", pretrained=None).state_dict(), weights)
-    bb = load_backbone(f"openclip:XmodalOnnxViT/{weights}", cache_dir=str(tmp_path))  # auto: ONNX on CPU
+def test_openclip_vit_through_onnx(tmp_path, tiny_openclip_vit):
+    _, _, spec = tiny_openclip_vit
+    bb = load_backbone(spec, cache_dir=str(tmp_path))  # auto: ONNX on CPU
     x = torch.randn(3, 3, 32, 32)
     for tower in ("image", "tokens"):
         fid = compare(bb._run(tower, x), _exact(bb, tower, x))
