@@ -19,7 +19,6 @@ Run through ``benchmarks/xadapter_controlled.sh`` (which sets the budget and wri
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -154,7 +153,7 @@ class ExpertProbe:
 def probe_model(args, run_dir: Path, arm: str, visual: str, data: str, details: bool, diagnose: bool,
                 bank, backbone) -> dict:
     from xmodal.xadapter.context import ContextBuilder, row_classes
-    from xmodal.xadapter.modules import get_xadapter, load_xadapter
+    from xmodal.xadapter.modules import load_xadapter
     from xmodal.xadapter.plm import load_mlm
     from xmodal.xadapter.probe import probe_colors, read_color_csv
 
@@ -340,18 +339,13 @@ def main(argv=None) -> int:
             if accs:
                 table.setdefault(name, {})[arm] = {"mean": mean_std(accs)[0], "std": mean_std(accs)[1], "runs": accs}
     results["table"] = table
-    if "real" in arms and "shuffled" in arms:
-        results["real_minus_shuffled"] = {
-            name: paired_bootstrap([per_item_correct(results["runs"][f"real-s{s}"][name]) for s in seeds],
-                                   [per_item_correct(results["runs"][f"shuffled-s{s}"][name]) for s in seeds],
-                                   args.bootstrap)
-            for name in probes}
-    if "real" in arms and "zero" in arms:
-        results["real_minus_zero"] = {
-            name: paired_bootstrap([per_item_correct(results["runs"][f"real-s{s}"][name]) for s in seeds],
-                                   [per_item_correct(results["runs"][f"zero-s{s}"][name]) for s in seeds],
-                                   args.bootstrap)
-            for name in probes}
+    for control in ("shuffled", "zero"):  # paired bootstrap of (i) real retrieval − each control arm
+        if "real" in arms and control in arms:
+            results[f"real_minus_{control}"] = {
+                name: paired_bootstrap([per_item_correct(results["runs"][f"real-s{s}"][name]) for s in seeds],
+                                       [per_item_correct(results["runs"][f"{control}-s{s}"][name]) for s in seeds],
+                                       args.bootstrap)
+                for name in probes}
     # majority-colour baseline of each probe, and per-class confusions (image-grounded, pooled over seeds)
     from xmodal.xadapter.probe import read_color_csv
 
