@@ -67,3 +67,15 @@ def test_bench_writes_results_table_and_plot(app, data_spec, tmp_path):
     doc = json.loads(res.stdout)
     assert doc["new_rows"] == 0 and doc["skipped_rows"] == 6 and doc["rows_total"] == 6
     assert len(doc["summary"][0]["cells"]) == 2 and doc["summary"][0]["seeds"] == [1, 2, 3]
+
+
+def test_bench_engine_option_reaches_the_sweep_and_its_row_identity(app, data_spec, tmp_path):
+    base = ["bench", "--backbone", "tiny:clip", "--data", data_spec, "--shots", "1", "--seeds", "1",
+            "--methods", "zeroshot", "--cache-dir", str(tmp_path / "c"), "--device", "cpu", "--augment-views", "0"]
+    engines = {}
+    for engine in ("torch", "onnx"):
+        out = tmp_path / engine
+        _run(app, base + ["--out", str(out), "--engine", engine, "--json"])
+        rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
+        engines[engine] = {r["identity_detail"]["features"]["engine"] for r in rows}
+    assert engines == {"torch": {"torch"}, "onnx": {"onnx"}}

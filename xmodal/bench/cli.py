@@ -152,16 +152,10 @@ def bench_command(
     if len(seeds_l) < 3:
         err.print(f"[yellow]note:[/yellow] {len(seeds_l)} seed(s); averages need at least 3 to be reported")
     dev = resolve_device(device)
-    if engine is not None:  # an explicit engine: build the backbone here (the sweep builds it from the spec)
-        from ..backbones import load_backbone
-
-        bb: Any = load_backbone(backbone, device=dev, cache_dir=cache_dir, engine=engine)
-    else:
-        bb = backbone
-    result = run_sweep(bb, datasets, shots_l, seeds_l, names, out, cache_dir=cache_dir, device=dev,
+    result = run_sweep(backbone, datasets, shots_l, seeds_l, names, out, cache_dir=cache_dir, device=dev,
                        augment_views=augment_views, augment_scope=augment_scope, batch_size=batch_size,
                        num_workers=num_workers, progress=True, skip_corrupt=skip_corrupt,
-                       dtype=None if dtype == "fp32" else dtype,
+                       dtype=None if dtype == "fp32" else dtype, engine=engine,
                        test_per_class=test_per_class or None)
     if result.repaired:
         err.print(f"[yellow]note:[/yellow] {result.results_path}: {result.repaired}")

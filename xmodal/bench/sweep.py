@@ -111,6 +111,7 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
               augment_scope: str = "split", augment_seed: int = 0, batch_size: int = 64, num_workers: int = 0,
               progress: bool = True, write_report: bool = True, skip_corrupt: bool = False,
               dtype: str | None = None, decode: str = "pil", test_per_class: int | None = None,
+              engine: str | None = None,
               extract_fn: Callable[..., Any] = _default_extract,
               split_fn: Callable[[Any, int, int], Any] = _default_split,
               on_row: Callable[[dict[str, Any]], None] | None = None) -> SweepResult:
@@ -144,7 +145,7 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
     if isinstance(backbone, str):
         from ..backbones import load_backbone
 
-        backbone = load_backbone(backbone, device=device or "cpu")
+        backbone = load_backbone(backbone, device=device or "cpu", cache_dir=str(cache_dir), engine=engine)
     options = {"augment_views": int(augment_views),
                "augment_scope": augment_scope if augment_views > 0 else "none",
                "augment_seed": int(augment_seed) if augment_views > 0 else None,
