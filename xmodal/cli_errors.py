@@ -73,8 +73,9 @@ def _folders(options: Iterable[str] | None) -> str:
     return f" ({' / '.join(have)})" if have else ""
 
 
-def _disk_full(where: str, name: str, options: Iterable[str] | None) -> ErrorReport:
-    return ErrorReport(f"no space left on device while writing {where or 'output'}", name,
+def _disk_full(where: str, name: str, options: Iterable[str] | None,
+               what: str = _DISK_ERRNOS[errno.ENOSPC]) -> ErrorReport:
+    return ErrorReport(f"{what} while writing {where or 'output'}", name,
                        f"free space or write to another disk{_folders(options)}, then rerun: finished work is kept "
                        "and the rerun resumes", EXIT_ENVIRONMENT)
 
@@ -84,7 +85,7 @@ def _oserror_report(exc: OSError, options: Iterable[str] | None) -> ErrorReport:
     what = exc.strerror or str(exc)
     name = type(exc).__name__
     if exc.errno in _DISK_ERRNOS:
-        return _disk_full(where, name, options)
+        return _disk_full(where, name, options, _DISK_ERRNOS[exc.errno])
     if exc.errno in _ENV_ERRNOS:
         return ErrorReport(f"{_ENV_ERRNOS[exc.errno]}: {where or what}", name,
                            f"choose a writable folder{_folders(options)} or fix the permissions", EXIT_ENVIRONMENT)
