@@ -161,6 +161,8 @@ def test_hints_only_suggest_options_the_failing_command_has():
     assert "--skip-corrupt" in classify(exc).hint
     assert "--skip-corrupt" not in classify(exc, options={"--data", "--out"}).hint
     assert "--skip-corrupt" in classify(exc, options={"--data", "--skip-corrupt"}).hint
+    other = UsageError("no saved classifier", hint="create one with `xmodal fit ... --out DIR` and pass that DIR")
+    assert classify(other, options={"--port"}).hint == other.hint  # another command's options, quoted, stay
     ro = OSError(errno.EROFS, "Read-only file system", "/ro/cache")
     hint = classify(ro, options={"--cache-dir"}).hint
     assert "--cache-dir" in hint and "--out" not in hint

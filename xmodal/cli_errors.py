@@ -42,6 +42,7 @@ _PATH_ERRNOS = {errno.ENOENT: "no such file or directory", errno.ENOTDIR: "not a
 _DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded")
 _OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 _FOLDER_OPTIONS = ("--cache-dir", "--out")
+_OTHER_COMMAND = re.compile(r"`xmodal [^`]*`")
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ def _drop_unknown_options(hint: str, options: Iterable[str] | None) -> str:
         return hint
     known = set(options) | {"--help", "--debug"}
     clauses = re.split(r"(?:,? or |; )", hint)
-    kept = [c for c in clauses if set(_OPTION.findall(c)) <= known]
+    # options inside a quoted `xmodal <other command> ...` belong to that command, not to this one
+    kept = [c for c in clauses if set(_OPTION.findall(_OTHER_COMMAND.sub("", c))) <= known]
     return " or ".join(kept) if kept else "check the inputs named in the message"
 
 
