@@ -32,6 +32,8 @@ VARIANTS = {
     "xmadapter fallback margin 2": ("xmadapter", {"fallback_margin": 2}),
     "xmadapter net_lr1e-3": ("xmadapter", {"net_lr": 1e-3}),
     "xmadapter no fallback": ("xmadapter", {"fallback": False}),
+    "xmadapter stage-2 keys frozen": ("xmadapter", {"train_keys": False}),
+    "xmadapter stage-2 keys frozen no fallback": ("xmadapter", {"train_keys": False, "fallback": False}),
     "ape": ("ape", {}),
     "ape-t lr1e-3": ("ape-t", {"lr": 1e-3}),
     "ape-t lr1e-4 (default)": ("ape-t", {}),

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..featureset import FeatureSet
-from ._common import batches, class_groups, cosine_lr, cpu_generator, epoch_features, to_classes
+from ._common import adamw, batches, class_groups, cosine_lr, cpu_generator, epoch_features, to_classes
 
 
 def mlp(d_in: int, d_out: int, arch: str) -> nn.Module:
@@ -122,9 +122,11 @@ class CacheModel(nn.Module):
         return torch.exp(-beta_t * (1 - self.text.class_sim(f))) * self.text.counts
 
     def forward(self, f: torch.Tensor, alpha: float, beta: float, beta_t: float | None = None,
-                need_text: bool = False):
-        """Returns (logits, A_img L, A_txt L or None)."""
-        p_img = self.img_affinity(f, beta)
+                need_text: bool = False, p_img: torch.Tensor | None = None):
+        """Returns (logits, A_img L, A_txt L or None). ``p_img``: A_img L already computed for ``f`` (frozen
+        keys: the training loop computes it once per view instead of once per step)."""
+        if p_img is None:
+            p_img = self.img_affinity(f, beta)
         p_txt = None
         g = 1.0 if self.gamma is None else self.gamma(f)
         use_text = self.text is not None and not (isinstance(g, float) and g == 1.0)
@@ -202,6 +204,9 @@ def train_cache_model(
     gen = cpu_generator(seed)
     n = len(support)
     labels = support.labels.to(device)
+    keys = getattr(model, "keys", None)
+    frozen_keys = isinstance(keys, torch.Tensor) and not keys.requires_grad and loss_fn is None
+    img_cache: dict[int, torch.Tensor] = {}  # frozen keys: A_img L of every support input, once per view
 
     def evaluate() -> tuple[float, float]:
         model.eval()
@@ -215,18 +220,26 @@ def train_cache_model(
     best_epoch, best_state = 0, {k: v.detach().clone() for k, v in model.state_dict().items()}
     acc_curve, loss_curve = [best[1]], [best[0]]
     if epochs > 0:
-        opt = torch.optim.AdamW(param_groups, lr=lr, eps=eps, weight_decay=weight_decay)
+        opt = adamw(param_groups, lr=lr, eps=eps, weight_decay=weight_decay)
         sched = cosine_lr(opt, epochs * math.ceil(n / batch_size))
     for epoch in range(epochs):
         model.train()
         x_all = epoch_features(support, epoch).to(device)
+        p_all = None
+        if frozen_keys:
+            view = epoch % support.views.shape[0] if support.views is not None and support.views.shape[0] else 0
+            if view not in img_cache:
+                with torch.no_grad():
+                    img_cache[view] = model.img_affinity(x_all, beta)
+            p_all = img_cache[view]
         for idx in batches(n, batch_size, gen):
             idx = idx.to(device)
             x, y = x_all[idx], labels[idx]
             if loss_fn is not None:
                 loss = loss_fn(x, y)
             else:
-                logits, p_img, p_txt = model(x, alpha, beta, beta_t, need_text=weight_fn is not None)
+                cached = {} if p_all is None else {"p_img": p_all[idx]}
+                logits, p_img, p_txt = model(x, alpha, beta, beta_t, need_text=weight_fn is not None, **cached)
                 if weight_fn is not None and p_txt is not None:
                     w = weight_fn(p_img.detach(), p_txt.detach(), y)
                     loss = (w * F.cross_entropy(logits, y, reduction="none")).sum() / w.sum()

@@ -118,6 +118,21 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((scores.argmax(-1) == labels).float().mean())
 
 
+def alpha_grid_accuracy(zs: torch.Tensor, alphas: torch.Tensor, p: torch.Tensor, labels: torch.Tensor,
+                        buf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation accuracy of argmax(zs + α·p) for every α at once: p (…, M, C) → (accuracy (…, A), buffer).
+
+    The logits are written into one reused buffer (a multiply, then an in-place add: the same operations
+    and rounding as ``zs + α·p``) — about twice as fast as allocating the (…, A, M, C) block every call.
+    """
+    shape = (*p.shape[:-2], alphas.numel(), *p.shape[-2:])
+    if buf is None or buf.shape != shape or buf.dtype != p.dtype:
+        buf = torch.empty(shape, dtype=p.dtype, device=p.device)
+    torch.mul(p.unsqueeze(-3), alphas.to(p)[:, None, None], out=buf)
+    buf.add_(zs)
+    return (buf.argmax(-1) == labels).float().mean(-1), buf
+
+
 def cache_grid_search(
     zs: torch.Tensor,
     labels: torch.Tensor,
@@ -161,6 +176,7 @@ def cache_grid_search(
         per_sample = False
     acc = torch.empty(len(gamma_list), len(betas_t), len(alphas_t), device=zs.device)
     step = max(1, chunk_elems // max(1, m * max(img_sim.shape[1], c * len(alphas_t))))
+    buf = None
     for lo in range(0, len(betas_t), step):
         b = betas_t[lo:lo + step]
         p_img = to_classes(torch.exp(-b[:, None, None] * (1 - img_sim[None])), values, group)  # (b, M, C)
@@ -173,8 +189,7 @@ def cache_grid_search(
                 p = p_img
             else:
                 p = g * p_img + (1 - g) * p_txt
-            logits = zs[None, None] + alphas_t[None, :, None, None] * p[:, None]       # (b, A, M, C)
-            acc[gi, lo:lo + step] = (logits.argmax(-1) == labels).float().mean(-1)
+            acc[gi, lo:lo + step], buf = alpha_grid_accuracy(zs, alphas_t, p, labels, buf)  # logits (b, A, M, C)
     flat = first_best(acc)
     gi, rest = divmod(flat, len(betas_t) * len(alphas_t))
     bi, ai = divmod(rest, len(alphas_t))
@@ -202,6 +217,16 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.T
     """Shuffled index batches (drawn on CPU so the order is the same on every device)."""
     perm = torch.randperm(n, generator=generator)
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def adamw(params, lr: float, weight_decay: float, eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where PyTorch has one for the parameters' device (CPU and CUDA): one pass
+    over each tensor per step instead of about ten. The same update up to float rounding (≈ 1 ulp per step),
+    3–8× faster on the 4-million-entry caches of a 202-class, 16-shot problem (benchmarks/fewshot_speed.py)."""
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(tensors) and all(t.device.type in ("cpu", "cuda") and t.dtype in (torch.float32, torch.float64)
+                                  for t in tensors)
+    return torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=weight_decay, fused=fused or None)
 
 
 def cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..featureset import FeatureSet
-from ._common import (CLIP_LOGIT_SCALE, cache_keys, check_features, check_fit_inputs, class_groups, first_best,
-                      key_source, require_fitted, tip_grid)
+from ._common import (CLIP_LOGIT_SCALE, alpha_grid_accuracy, cache_keys, check_features, check_fit_inputs,
+                      class_groups, first_best, key_source, require_fitted, tip_grid)
 from .base import FewShotMethod, register
 
 
@@ -113,7 +113,8 @@ class APE(FewShotMethod):
         betas, alphas, gammas = self._grids()
         qs = list(dict.fromkeys(max(1, min(d, round(q * d))) for q in self.feat_fracs))
         zs = self.logit_scale * fv @ text.T
-        a_t = torch.tensor(alphas, device=dev)[:, None, None]
+        a_t = torch.tensor(alphas, device=dev)
+        buf = None
         acc = torch.empty(len(qs), len(betas), len(alphas), len(gammas), device=dev)
         with torch.no_grad():
             for qi, q in enumerate(qs):
@@ -123,9 +124,9 @@ class APE(FewShotMethod):
                                     * kl_to_text(_renorm(keys, idx), _renorm(text, idx), labels)[None])  # (G, NK)
                 for bi, beta in enumerate(betas):
                     aff = torch.exp(-beta * (1 - sim))                                # (M, NK)
-                    p = class_sum(aff[None] * weights[:, None], labels, c, group)     # (G, M, C)
-                    logits = zs[None, None] + a_t[None] * p[:, None]                  # (G, A, M, C)
-                    acc[qi, bi] = (logits.argmax(-1) == yv).float().mean(-1).T        # (A, G)
+                    for gi in range(len(gammas)):
+                        p = class_sum(aff * weights[gi], labels, c, group)            # (M, C)
+                        acc[qi, bi, :, gi], buf = alpha_grid_accuracy(zs, a_t, p, yv, buf)  # logits (A, M, C)
         qi, rest = divmod(first_best(acc), len(betas) * len(alphas) * len(gammas))
         bi, rest = divmod(rest, len(alphas) * len(gammas))
         ai, gi = divmod(rest, len(gammas))

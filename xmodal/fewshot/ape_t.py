@@ -53,14 +53,15 @@ class APETModel(nn.Module):
 
     def forward(self, f: torch.Tensor, alpha: float, beta: float, beta_t: float | None = None,
                 need_text: bool = False):
-        keys = self.base_keys.index_add(1, self.idx, self.res[self.labels])
-        text = self.text.index_add(1, self.idx, self.res)
-        aff = torch.exp(-beta * (1 - f @ keys.T))
+        # F̃ and W̃ add the residual on the selected channels, so f·F̃ᵀ = f·Fᵀ + (f_Q·Rᵀ)[:, labels] and
+        # f·W̃ᵀ = f·Wᵀ + f_Q·Rᵀ: one small (B, C) product carries the gradient, the full keys are never rebuilt
+        r = f[:, self.idx] @ self.res.T                                                   # (B, C)
+        aff = torch.exp(-beta * (1 - (f @ self.base_keys.T + r[:, self.labels])))
         if self.group:
             cache = class_sum(aff * self.value_weights[:, 0], self.labels, self.values.shape[1], self.group)
         else:
             cache = aff @ (self.values * self.value_weights)
-        return self.logit_scale * f @ text.T + alpha * cache, cache, None
+        return self.logit_scale * (f @ self.text.T + r) + alpha * cache, cache, None
 
 
 @register("ape-t")

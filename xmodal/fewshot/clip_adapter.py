@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..featureset import FeatureSet
-from ._common import (batches, check_features, check_fit_inputs, cosine_lr, cpu_generator, epoch_features,
+from ._common import (adamw, batches, check_features, check_fit_inputs, cosine_lr, cpu_generator, epoch_features,
                       first_best, require_fitted)
 from .base import FewShotMethod, register
 
@@ -54,7 +54,7 @@ class CLIPAdapter(FewShotMethod):
         w1 = _linear_init(d, (d, hidden), gen).expand(n_r, d, hidden).clone().to(dev).requires_grad_(True)
         w2 = _linear_init(hidden, (hidden, d), gen).expand(n_r, hidden, d).clone().to(dev).requires_grad_(True)
         r = torch.tensor(self.ratios, device=dev)
-        opt = torch.optim.AdamW([w1, w2], lr=self.lr, weight_decay=self.weight_decay)
+        opt = adamw([w1, w2], lr=self.lr, weight_decay=self.weight_decay)
         n = len(support)
         sched = cosine_lr(opt, self.epochs * math.ceil(n / self.batch_size))
         y_all = support.labels.long().to(dev)

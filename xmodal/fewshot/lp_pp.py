@@ -39,8 +39,10 @@ class LPPlusPlus(FewShotMethod):
         self.epochs, self.alpha_every, self.momentum = epochs, alpha_every, momentum
         self.alpha_init_scale, self.samples = alpha_init_scale, samples
 
-    def _logits(self, f: torch.Tensor, w: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        return f @ w.T + b + alpha * (f @ self.text_.T)
+    def _logits(self, f: torch.Tensor, w: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor,
+                ft: torch.Tensor | None = None) -> torch.Tensor:
+        """``ft``: f·Tᵀ when already computed (it does not change while training)."""
+        return f @ w.T + b + alpha * (f @ self.text_.T if ft is None else ft)
 
     def fit(self, support: FeatureSet, val: FeatureSet, text_classifier: torch.Tensor) -> "LPPlusPlus":
         check_fit_inputs(support, val, text_classifier)
@@ -66,11 +68,12 @@ class LPPlusPlus(FewShotMethod):
         b = torch.zeros(c, device=dev, requires_grad=True)
         alpha = torch.full((c,), alpha0, device=dev, requires_grad=True)
         fv, yv = val.features.float().to(dev), val.labels.to(dev)
+        fvt = fv @ self.text_.T
         opt = torch.optim.SGD([w, b], lr=lr_w, momentum=self.momentum)
 
         def score() -> tuple[float, float]:
             with torch.no_grad():
-                logits = self._logits(fv, w, b, alpha)
+                logits = self._logits(fv, w, b, alpha, fvt)
                 return float((logits.argmax(-1) == yv).float().mean()), float(F.cross_entropy(logits, yv))
 
         def snapshot():
@@ -81,7 +84,7 @@ class LPPlusPlus(FewShotMethod):
         alpha_grad = torch.zeros_like(alpha)
         with seeded(self.seed):
             for epoch in range(1, self.epochs + 1):
-                loss = F.cross_entropy(self._logits(x, w, b, alpha), y)
+                loss = F.cross_entropy(self._logits(x, w, b, alpha, xt), y)
                 opt.zero_grad(set_to_none=True)
                 if alpha.grad is not None:
                     alpha.grad = None

@@ -204,8 +204,9 @@ class XMAdapter(_XMBase):
 
     def __init__(self, seed: int = 0, device: str = "cpu", logit_scale: float = 100.0, *,
                  gamma_mode: str = "search", fallback: bool | None = None, fallback_margin: int = 1,
-                 **params) -> None:
-        super().__init__(seed=seed, device=device, logit_scale=logit_scale, gamma_mode=gamma_mode, **params)
+                 train_keys: bool = True, **params) -> None:
+        super().__init__(seed=seed, device=device, logit_scale=logit_scale, gamma_mode=gamma_mode,
+                         train_keys=train_keys, **params)
         self.fallback, self.fallback_margin = fallback, fallback_margin
 
     def _uses_fallback(self) -> bool:
@@ -290,9 +291,11 @@ class XMAdapter(_XMBase):
         m = self.model_
         gammas = [float(g) for g in self.gamma_grid]
 
+        frozen = None if m.keys.requires_grad else m.img_affinity(fv, beta).detach()  # keys fixed: compute once
+
         def evaluate() -> tuple[float, float]:
             zs = m.zero_shot(fv)
-            p_img = m.img_affinity(fv, beta)
+            p_img = m.img_affinity(fv, beta) if frozen is None else frozen
             p_txt = m.txt_affinity(fv, beta if beta_t is None else beta_t)
             g = torch.tensor(gammas, dtype=zs.dtype, device=zs.device)[:, None, None]
             logits = zs[None] + alpha * (g * p_img[None] + (1 - g) * p_txt[None])        # (G, M, C), all γ at once
