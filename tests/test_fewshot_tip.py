@@ -106,3 +106,44 @@ def test_tip_adapter_f_trains_and_selects_on_val():
     # training starts from Tip-Adapter's searched (α, β), not from fixed constants
     assert (sel["init_alpha"], sel["init_beta"]) == (tip.selected_["alpha"], tip.selected_["beta"])
     assert torch.equal(m.model_.values, F.one_hot(support.labels, 4).float())
+
+
+def test_constant_terms_give_the_same_logits_as_computing_them_each_step():
+    """The training loop passes per-input constants (frozen-key affinities, APE-T's base products) back to
+    forward; the logits must equal those computed from scratch."""
+    from xmodal.fewshot._cache import CacheModel, constant_terms
+    from xmodal.fewshot.ape_t import APETModel
+    g = torch.Generator().manual_seed(0)
+    f = torch.nn.functional.normalize(torch.randn(12, 16, generator=g), dim=-1)
+    keys = torch.nn.functional.normalize(torch.randn(9, 16, generator=g), dim=-1)
+    labels = torch.arange(3).repeat_interleave(3)
+    text = torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=-1)
+    frozen = CacheModel(keys, labels, text, 100.0, train_keys=False)
+    trained = CacheModel(keys, labels, text, 100.0, train_keys=True)
+    assert constant_terms(trained, f, 2.0) == {}
+    apet = APETModel(keys, labels, text, torch.tensor([1, 4, 7]), 100.0)
+    with torch.no_grad():
+        apet.res.normal_(generator=g)
+    for model in (frozen, apet):
+        consts = constant_terms(model, f, 2.0)
+        assert consts
+        direct = model(f, 1.5, 2.0)[0]
+        cached = model(f, 1.5, 2.0, **consts)[0]
+        assert torch.allclose(direct, cached, atol=1e-5, rtol=0)
+
+
+def test_adamw_helper_uses_the_fused_kernel_and_matches_the_reference_step():
+    from xmodal.fewshot._common import adamw
+    g = torch.Generator().manual_seed(1)
+    start, grad = torch.randn(50, 8, generator=g), torch.randn(50, 8, generator=g)
+    out = []
+    for make in (lambda p: adamw([p], lr=1e-2, weight_decay=0.01, eps=1e-4),
+                 lambda p: torch.optim.AdamW([p], lr=1e-2, weight_decay=0.01, eps=1e-4)):
+        p = torch.nn.Parameter(start.clone())
+        opt = make(p)
+        for _ in range(5):
+            p.grad = grad.clone()
+            opt.step()
+        out.append((opt, p.detach()))
+    assert out[0][0].defaults.get("fused") is True
+    assert torch.allclose(out[0][1], out[1][1], atol=1e-6, rtol=0)

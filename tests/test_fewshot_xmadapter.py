@@ -135,3 +135,41 @@ def test_xmadapter_never_below_its_tip_adapter_f_stage_on_validation(task, margi
         assert sel["kept"] == "tip-adapter-f" and sel["gamma"] == 1.0
     if sel["kept"] == "tip-adapter-f":                                      # the fallback *is* Tip-Adapter-F
         assert torch.allclose(xm.decision_scores(test.features), tipf.decision_scores(test.features), atol=1e-5)
+
+
+def test_sign_test_p_is_the_one_sided_binomial_tail():
+    from scipy.stats import binomtest
+
+    from xmodal.fewshot.xmadapter import sign_test_p
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(5, 0) == pytest.approx(1 / 32)
+    for won, lost in [(3, 1), (7, 2), (12, 11), (1, 9), (30, 12)]:
+        assert sign_test_p(won, lost) == pytest.approx(binomtest(won, won + lost, 0.5, alternative="greater").pvalue)
+
+
+@pytest.mark.parametrize("train_keys", [True, False])
+def test_sign_test_rule_keeps_stage_two_only_when_its_wins_are_significant(task, train_keys):
+    from xmodal.fewshot.xmadapter import sign_test_p
+    support, val, test, text = task
+    tipf = create_method("tip-adapter-f", seed=2, epochs=4).fit(support, val, text)
+    free = create_method("xmadapter", seed=2, epochs=4, fallback=False, train_keys=train_keys).fit(support, val, text)
+    won, lost = free.selected_["val_images_won_lost"]
+    for p in (1e-12, 0.05, 1.0):
+        xm = create_method("xmadapter", seed=2, epochs=4, fallback_rule="sign-test", fallback_p=p,
+                           train_keys=train_keys).fit(support, val, text)
+        keep = won > lost and sign_test_p(won, lost) <= p
+        assert xm.selected_["kept"] == ("xmadapter" if keep else "tip-adapter-f")
+        reference = free if keep else tipf
+        assert torch.allclose(xm.decision_scores(test.features), reference.decision_scores(test.features), atol=1e-5)
+    with pytest.raises(ValueError, match="fallback_rule"):
+        create_method("xmadapter", fallback_rule="coin")
+    with pytest.raises(ValueError, match="fallback_p"):
+        create_method("xmadapter", fallback_p=0)
+
+
+def test_frozen_stage_two_keys_stay_those_of_tip_adapter_f(task):
+    support, val, test, text = task
+    tipf = create_method("tip-adapter-f", seed=4, epochs=4).fit(support, val, text)
+    xm = create_method("xmadapter", seed=4, epochs=4, fallback=False, train_keys=False).fit(support, val, text)
+    assert not xm.model_.keys.requires_grad
+    assert torch.equal(xm.model_.keys, tipf.model_.keys)

@@ -121,10 +121,13 @@ class CacheModel(nn.Module):
         """A_txt L, (B, C)."""
         return torch.exp(-beta_t * (1 - self.text.class_sim(f))) * self.text.counts
 
+    def constant_terms(self, f: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+        """With frozen keys A_img L never changes: the training loop computes it once per input set."""
+        return {} if self.keys.requires_grad else {"p_img": self.img_affinity(f, beta)}
+
     def forward(self, f: torch.Tensor, alpha: float, beta: float, beta_t: float | None = None,
                 need_text: bool = False, p_img: torch.Tensor | None = None):
-        """Returns (logits, A_img L, A_txt L or None). ``p_img``: A_img L already computed for ``f`` (frozen
-        keys: the training loop computes it once per view instead of once per step)."""
+        """Returns (logits, A_img L, A_txt L or None). ``p_img``: A_img L already computed for ``f``."""
         if p_img is None:
             p_img = self.img_affinity(f, beta)
         p_txt = None
@@ -169,6 +172,16 @@ def better(cand: tuple[float, float], best: tuple[float, float] | None) -> bool:
     return cand[0] < best[0] or (cand[0] == best[0] and cand[1] > best[1])
 
 
+def constant_terms(model: nn.Module, x: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Terms of ``model(x, …)`` that training does not change (``model.constant_terms``), computed once per
+    input set and passed back to ``forward`` as keyword arguments; {} for models without any."""
+    fn = getattr(model, "constant_terms", None)
+    if fn is None:
+        return {}
+    with torch.no_grad():
+        return fn(x, beta)
+
+
 def train_cache_model(
     model: nn.Module,
     support: FeatureSet,
@@ -204,16 +217,15 @@ def train_cache_model(
     gen = cpu_generator(seed)
     n = len(support)
     labels = support.labels.to(device)
-    keys = getattr(model, "keys", None)
-    frozen_keys = isinstance(keys, torch.Tensor) and not keys.requires_grad and loss_fn is None
-    img_cache: dict[int, torch.Tensor] = {}  # frozen keys: A_img L of every support input, once per view
+    view_constants: dict[int, dict[str, torch.Tensor]] = {}  # per view: terms fixed while training
+    val_constants = constant_terms(model, val_features, beta) if loss_fn is None and eval_fn is None else {}
 
     def evaluate() -> tuple[float, float]:
         model.eval()
         with torch.no_grad():
             if eval_fn is not None:
                 return eval_fn()
-            logits, _, _ = model(val_features, alpha, beta, beta_t)
+            logits, _, _ = model(val_features, alpha, beta, beta_t, **val_constants)
             return val_loss_acc(logits, val_labels)
 
     best = evaluate()
@@ -225,21 +237,18 @@ def train_cache_model(
     for epoch in range(epochs):
         model.train()
         x_all = epoch_features(support, epoch).to(device)
-        p_all = None
-        if frozen_keys:
-            view = epoch % support.views.shape[0] if support.views is not None and support.views.shape[0] else 0
-            if view not in img_cache:
-                with torch.no_grad():
-                    img_cache[view] = model.img_affinity(x_all, beta)
-            p_all = img_cache[view]
+        view = epoch % support.views.shape[0] if support.views is not None and support.views.shape[0] else 0
+        if loss_fn is None and view not in view_constants:
+            view_constants[view] = constant_terms(model, x_all, beta)
+        consts = view_constants.get(view, {})
         for idx in batches(n, batch_size, gen):
             idx = idx.to(device)
             x, y = x_all[idx], labels[idx]
             if loss_fn is not None:
                 loss = loss_fn(x, y)
             else:
-                cached = {} if p_all is None else {"p_img": p_all[idx]}
-                logits, p_img, p_txt = model(x, alpha, beta, beta_t, need_text=weight_fn is not None, **cached)
+                logits, p_img, p_txt = model(x, alpha, beta, beta_t, need_text=weight_fn is not None,
+                                             **{k: v[idx] for k, v in consts.items()})
                 if weight_fn is not None and p_txt is not None:
                     w = weight_fn(p_img.detach(), p_txt.detach(), y)
                     loss = (w * F.cross_entropy(logits, y, reduction="none")).sum() / w.sum()

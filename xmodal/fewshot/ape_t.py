@@ -51,17 +51,24 @@ class APETModel(nn.Module):
         text = self.text.index_add(1, self.idx, self.res)
         return keys, text, self.values * self.value_weights
 
+    def constant_terms(self, f: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+        """f·Fᵀ and f·Wᵀ with the base keys and text: fixed while training, computed once per input set."""
+        return {"base_sim": f @ self.base_keys.T, "base_text": f @ self.text.T}
+
     def forward(self, f: torch.Tensor, alpha: float, beta: float, beta_t: float | None = None,
-                need_text: bool = False):
+                need_text: bool = False, base_sim: torch.Tensor | None = None,
+                base_text: torch.Tensor | None = None):
         # F̃ and W̃ add the residual on the selected channels, so f·F̃ᵀ = f·Fᵀ + (f_Q·Rᵀ)[:, labels] and
         # f·W̃ᵀ = f·Wᵀ + f_Q·Rᵀ: one small (B, C) product carries the gradient, the full keys are never rebuilt
+        base_sim = f @ self.base_keys.T if base_sim is None else base_sim
+        base_text = f @ self.text.T if base_text is None else base_text
         r = f[:, self.idx] @ self.res.T                                                   # (B, C)
-        aff = torch.exp(-beta * (1 - (f @ self.base_keys.T + r[:, self.labels])))
+        aff = torch.exp(-beta * (1 - (base_sim + r[:, self.labels])))
         if self.group:
             cache = class_sum(aff * self.value_weights[:, 0], self.labels, self.values.shape[1], self.group)
         else:
             cache = aff @ (self.values * self.value_weights)
-        return self.logit_scale * (f @ self.text.T + r) + alpha * cache, cache, None
+        return self.logit_scale * (base_text + r) + alpha * cache, cache, None
 
 
 @register("ape-t")

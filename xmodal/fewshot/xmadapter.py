@@ -12,6 +12,7 @@ grid-searched on validation. With γ fixed at 1 they are Tip-Adapter-F and Tip-A
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -25,6 +26,7 @@ from .base import FewShotMethod, register
 from .tip_adapter import _TipSearchMixin
 
 GAMMA_MODES = ("learned", "fixed", "search", "per-sample")
+FALLBACK_RULES = ("margin", "sign-test")
 WEIGHTINGS = ("continuous", "topq", "none")
 DISAGREEMENTS = ("l1", "true-class")
 
@@ -57,6 +59,15 @@ def hard_sample_weights(p_img: torch.Tensor, p_txt: torch.Tensor, labels: torch.
             return 1 + lam * d
         hard = (d >= torch.quantile(d, q)) & (d > 0)
         return 1 + lam * hard.to(d.dtype)
+
+
+def sign_test_p(won: int, lost: int) -> float:
+    """One-sided exact sign test on the validation images the two stages disagree on: P(X ≥ won) for
+    X ~ Binomial(won + lost, ½) — how often stage 2 would win this many by chance if it were no better."""
+    n = won + lost
+    if n == 0:
+        return 1.0
+    return float(sum(math.comb(n, k) for k in range(won, n + 1)) / 2 ** n)
 
 
 class _XMBase(_TipSearchMixin, FewShotMethod):
@@ -192,9 +203,13 @@ class XMAdapter(_XMBase):
        (learned modes) trained with hard-sample weighted CE. Epoch 0 (untrained text branch) is a candidate;
        epochs are selected on validation log-loss (ties: accuracy), scored at the best γ of the grid in
        "search" mode; then γ, α, β (β_t tied) are grid-searched on validation.
-    3. Fallback (``fallback``; default on in "search" mode): unless stage 2 classifies at least
-       ``fallback_margin`` more validation images correctly than stage 1 (0: at least as many, with a lower
-       log-loss), the model *is* the stage-1 Tip-Adapter-F (γ = 1, its keys, α, β).
+    3. Fallback (``fallback``; default on in "search" mode): unless stage 2 beats stage 1 on validation, the
+       model *is* the stage-1 Tip-Adapter-F (γ = 1, its keys, α, β). ``fallback_rule="margin"``: stage 2 must
+       classify at least ``fallback_margin`` more validation images correctly (0: as many, with a lower
+       log-loss); ``"sign-test"``: among the validation images the stages disagree on, stage 2's wins must
+       pass a one-sided exact sign test at level ``fallback_p`` (the bar grows with the validation set).
+    ``train_keys``: whether stage 2 keeps training the image-cache keys (False: stage 1's keys stay fixed and
+    only the text branch and γ learn; the image affinities are then computed once, not every step).
 
     Default ``gamma_mode="search"`` (papers.md B.3.4 option (c)); see docs/fewshot.md for the development
     protocol that chose it. With ``gamma_mode="fixed", gamma=1`` stage 2 is skipped: Tip-Adapter-F exactly.
@@ -203,11 +218,16 @@ class XMAdapter(_XMBase):
     training_free = False
 
     def __init__(self, seed: int = 0, device: str = "cpu", logit_scale: float = 100.0, *,
-                 gamma_mode: str = "search", fallback: bool | None = None, fallback_margin: int = 1,
-                 train_keys: bool = True, **params) -> None:
+                 gamma_mode: str = "search", fallback: bool | None = None, fallback_rule: str = "margin",
+                 fallback_margin: int = 1, fallback_p: float = 0.05, train_keys: bool = True, **params) -> None:
         super().__init__(seed=seed, device=device, logit_scale=logit_scale, gamma_mode=gamma_mode,
                          train_keys=train_keys, **params)
-        self.fallback, self.fallback_margin = fallback, fallback_margin
+        if fallback_rule not in FALLBACK_RULES:
+            raise ValueError(f"unknown fallback_rule {fallback_rule!r}; use one of {FALLBACK_RULES}")
+        if not 0.0 < fallback_p <= 1.0:
+            raise ValueError(f"fallback_p must lie in (0, 1], got {fallback_p}")
+        self.fallback, self.fallback_rule = fallback, fallback_rule
+        self.fallback_margin, self.fallback_p = fallback_margin, float(fallback_p)
 
     def _uses_fallback(self) -> bool:
         """Default: fall back to Tip-Adapter-F in "search" mode only; the other γ modes are ablation readings."""
@@ -222,10 +242,12 @@ class XMAdapter(_XMBase):
                           alpha_scale=self.alpha_scale, n_beta=self.n_beta, n_alpha=self.n_alpha)
         return taf.fit(support, val, text_classifier)
 
-    def _val_loss_acc(self, fv: torch.Tensor, yv: torch.Tensor) -> tuple[float, float]:
+    def _val_logits(self, fv: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            logits, _, _ = self.model_(fv, self.alpha_, self.beta_, self.beta_t_)
-        return val_loss_acc(logits, yv)
+            return self.model_(fv, self.alpha_, self.beta_, self.beta_t_)[0]
+
+    def _val_loss_acc(self, fv: torch.Tensor, yv: torch.Tensor) -> tuple[float, float]:
+        return val_loss_acc(self._val_logits(fv), yv)
 
     def fit(self, support: FeatureSet, val: FeatureSet, text_classifier: torch.Tensor) -> "XMAdapter":
         check_fit_inputs(support, val, text_classifier)
@@ -272,13 +294,19 @@ class XMAdapter(_XMBase):
         acc2 = chosen["val_acc"]
         stage2 = {"stage2_epoch": int(best_epoch), "stage2_val_acc": float(acc2), "stage2_val_loss": float(loss2),
                   "val_acc_per_epoch": [float(a) for a in curve], "val_loss_per_epoch": [float(v) for v in losses]}
-        # stage 2 must classify at least `fallback_margin` more validation images correctly (0: or as many,
-        # with a lower log-loss)
-        gained = round((acc2 - ts["val_acc"]) * len(yv))
-        if self.fallback_margin > 0:
-            wins = gained >= self.fallback_margin
-        else:
-            wins = gained > 0 or (gained == 0 and loss2 < ts["val_loss"])
+        with torch.no_grad():
+            right2 = self._val_logits(fv).argmax(-1) == yv
+            right1 = taf.decision_scores(fv).argmax(-1) == yv
+        won, lost = int((right2 & ~right1).sum()), int((right1 & ~right2).sum())
+        stage2["val_images_won_lost"] = [won, lost]
+        if self.fallback_rule == "sign-test":
+            p_value = sign_test_p(won, lost)
+            stage2["sign_test_p"] = p_value
+            wins = won > lost and p_value <= self.fallback_p
+        elif self.fallback_margin > 0:  # at least `fallback_margin` more validation images right
+            wins = won - lost >= self.fallback_margin
+        else:                           # as many, with a lower log-loss, suffices
+            wins = won > lost or (won == lost and loss2 < ts["val_loss"])
         if wins or not self._uses_fallback():
             self.selected_ = {**chosen, **common, **stage2, "val_loss": float(loss2), "kept": "xmadapter"}
         else:
