@@ -63,7 +63,10 @@ class APETModel(nn.Module):
         base_sim = f @ self.base_keys.T if base_sim is None else base_sim
         base_text = f @ self.text.T if base_text is None else base_text
         r = f[:, self.idx] @ self.res.T                                                   # (B, C)
-        aff = torch.exp(-beta * (1 - (base_sim + r[:, self.labels])))
+        # class-sorted groups of K entries: repeat each class's column K times (its gradient is then a sum
+        # over K, not a scatter over NK indices)
+        r_keys = r.repeat_interleave(self.group, dim=1) if self.group else r[:, self.labels]   # (B, NK)
+        aff = torch.exp(-beta * (1 - (base_sim + r_keys)))
         if self.group:
             cache = class_sum(aff * self.value_weights[:, 0], self.labels, self.values.shape[1], self.group)
         else:

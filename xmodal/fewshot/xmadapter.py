@@ -218,7 +218,7 @@ class XMAdapter(_XMBase):
     training_free = False
 
     def __init__(self, seed: int = 0, device: str = "cpu", logit_scale: float = 100.0, *,
-                 gamma_mode: str = "search", fallback: bool | None = None, fallback_rule: str = "margin",
+                 gamma_mode: str = "search", fallback: bool | None = None, fallback_rule: str = "sign-test",
                  fallback_margin: int = 1, fallback_p: float = 0.05, train_keys: bool = True, **params) -> None:
         super().__init__(seed=seed, device=device, logit_scale=logit_scale, gamma_mode=gamma_mode,
                          train_keys=train_keys, **params)
