@@ -22,7 +22,7 @@ def test_append_and_reopen(tmp_path):
     assert len(lines) == 2 and all(json.loads(x) for x in lines)
     again = ResultStore(path)
     assert [r["seed"] for r in again.rows] == [1, 2]
-    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1, ""))["top1"] == 50.0
+    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1, "", ""))["top1"] == 50.0
     assert again.has(row_key(_row(seed=2))) and not again.has(row_key(_row(seed=3)))
     assert again.repaired is None
 
@@ -130,9 +130,12 @@ def test_identity_is_part_of_the_key(tmp_path):
     assert store.append(_row(identity="bbb", top1=2.0))  # same cell, other data/options: a separate row
     assert not store.append(_row(identity="aaa", top1=3.0))
     again = ResultStore(tmp_path / "r.jsonl")
-    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1, "aaa"))["top1"] == 1.0
-    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1, "bbb"))["top1"] == 2.0
-    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1, "")) is None  # a row without identity matches nothing else
+    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1, "aaa", ""))["top1"] == 1.0
+    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1, "bbb", ""))["top1"] == 2.0
+    assert again.get(("zeroshot", "tiny:clip", "d", 1, 1, "", "")) is None  # a row without identity matches nothing else
+    # the method-settings digest is part of the key too: other settings, another row
+    assert store.append(_row(identity="aaa", method_config="m2", top1=4.0))
+    assert ResultStore(tmp_path / "r.jsonl").get(("zeroshot", "tiny:clip", "d", 1, 1, "aaa", "m2"))["top1"] == 4.0
 
 
 def test_failed_write_leaves_no_partial_line(tmp_path, monkeypatch):

@@ -221,3 +221,23 @@ def test_two_concurrent_sweeps_into_one_folder_never_duplicate(tmp_path, data_sp
     keys = [row_key(r) for r in rows]
     assert len(keys) == len(set(keys)) == 12
     assert sum(r.new_rows for r in results) == 12 and all(len(r.rows) == 12 for r in results)
+
+
+def test_rows_made_with_other_method_settings_are_recomputed(tmp_path, data_spec, monkeypatch):
+    """A changed default (an upgrade) must not reuse rows fitted under the old one: the row key carries a
+    digest of the method's parameters."""
+    from xmodal.fewshot.tip_adapter import TipAdapter
+
+    out, kw = tmp_path / "out", dict(cache_dir=str(tmp_path / "c"), augment_views=0, progress=False)
+    first = run_sweep("tiny:clip", [data_spec], [1], [1], ["tip-adapter", "zeroshot"], out, **kw)
+    assert first.new_rows == 2 and all(r["method_config"] for r in first.rows)
+    again = run_sweep("tiny:clip", [data_spec], [1], [1], ["tip-adapter", "zeroshot"], out, **kw)
+    assert again.new_rows == 0 and again.skipped_rows == 2
+    init = TipAdapter.__init__
+    monkeypatch.setattr(TipAdapter, "__init__",
+                        lambda self, *a, n_beta=7, **k: init(self, *a, n_beta=n_beta, **k))  # "new default"
+    with pytest.warns(UserWarning, match="1 row.*tip-adapter.*other or unrecorded method settings"):
+        changed = run_sweep("tiny:clip", [data_spec], [1], [1], ["tip-adapter", "zeroshot"], out, **kw)
+    assert changed.new_rows == 1 and changed.skipped_rows == 1
+    tip = [r for r in changed.rows if r["method"] == "tip-adapter"][0]
+    assert tip["hparams"]["n_beta"] == 7 and tip["method_config"] != first.rows[0]["method_config"]

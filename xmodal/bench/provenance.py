@@ -93,6 +93,27 @@ def result_identity(backbone: Any, dataset: Any, **features: Any) -> dict[str, A
     return {"identity": stable_hash(detail, 20), "identity_detail": detail}
 
 
+def method_config(method: Any) -> str:
+    """Digest of a method's constructor parameters except ``seed`` and ``device`` (scikit-learn's
+    ``get_params``): a row made with other settings — a changed default after an upgrade — is never reused."""
+    import torch
+
+    from ..cache import stable_hash
+    from ..fewshot.state import constructor_params
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return {"tensor": list(v.shape), "sha": stable_hash(v.detach().cpu().double().flatten().tolist(), 16)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
+
+    params = {k: plain(v) for k, v in constructor_params(method).items() if k not in ("seed", "device")}
+    return stable_hash(params, 12)
+
+
 def describe_identity_change(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two ``identity_detail`` dicts (what changed, in words)."""
     if not isinstance(old, dict):

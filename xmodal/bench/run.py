@@ -31,7 +31,7 @@ from ..errors import DatasetError, InputError, UsageError
 from ..feature_bank import (AUGMENT_SCOPES, FeatureBank, _default_extract, _default_split,  # noqa: F401
                            fixed_test_subset)
 from ..featureset import FeatureSet
-from .provenance import git_commit, git_dirty, utc_timestamp, xmodal_version
+from .provenance import git_commit, git_dirty, method_config, utc_timestamp, xmodal_version
 
 ROW_SCHEMA = 1
 
@@ -202,8 +202,9 @@ def run_episode(bank: FeatureBank, shots: int, seed: int, methods: str | Sequenc
     for name in todo:
         start = time.perf_counter()
         method = create_method(name, seed=seed, device=device or bank.device or "cpu", logit_scale=scale)
+        config = method_config(method)
         result = evaluate_method(method, episode)
-        row = {**context, **result, "wall_time_s": round(time.perf_counter() - start, 4),
+        row = {**context, **result, "method_config": config, "wall_time_s": round(time.perf_counter() - start, 4),
                "timestamp": utc_timestamp()}
         rows.append(row)
         if on_row is not None:

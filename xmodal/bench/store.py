@@ -1,9 +1,11 @@
-"""Append-only JSONL result store: one row per (method, backbone, dataset, shots, seed, identity).
+"""Append-only JSONL result store: one row per (method, backbone, dataset, shots, seed, identity,
+method_config).
 
 ``identity`` is a digest of everything else that determines a row (backbone fingerprint, dataset content,
 extraction options; see ``provenance.result_identity``), so a row is only ever found again by a request
-made with the same weights, data and options. Rows without one (older files) have identity "" and are
-never matched by a sweep.
+made with the same weights, data and options; ``method_config`` is a digest of the method's parameters
+(``provenance.method_config``), so a row made with other method settings is not found either. Rows
+without them (older files) have "" and are never matched by a sweep.
 
 * Each row is written with a single ``write`` of one complete line, then flushed and fsync'ed, under
   an advisory file lock, so a finished row survives a crash and two writers never interleave.
@@ -27,7 +29,7 @@ except ImportError:  # pragma: no cover
 
 KEY_FIELDS = ("method", "backbone", "dataset", "shots", "seed")  # required; "identity" is optional ("")
 
-RowKey = tuple[str, str, str, int, int, str]
+RowKey = tuple[str, str, str, int, int, str, str]
 
 
 def row_key(row: dict[str, Any]) -> RowKey:
@@ -38,7 +40,7 @@ def row_key(row: dict[str, Any]) -> RowKey:
     if missing:
         raise KeyError(f"result row lacks key field(s) {missing}; a row needs {KEY_FIELDS}")
     return (str(row["method"]), str(row["backbone"]), str(row["dataset"]), int(row["shots"]), int(row["seed"]),
-            str(row.get("identity") or ""))
+            str(row.get("identity") or ""), str(row.get("method_config") or ""))
 
 
 class ResultStore:

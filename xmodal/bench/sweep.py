@@ -21,7 +21,9 @@ from typing import Any, Callable, Sequence
 
 from ..errors import InputError, UsageError
 from .plot import plot_accuracy_vs_shots
-from .provenance import describe_identity_change, git_commit, result_identity, utc_timestamp, xmodal_version
+from ..fewshot.base import create_method
+from .provenance import (describe_identity_change, git_commit, method_config, result_identity, utc_timestamp,
+                         xmodal_version)
 from .run import (AUGMENT_SCOPES, FeatureBank, _dataset_spec, _default_extract, _default_split, resolve_methods,
                   run_episode)
 from .store import ResultStore
@@ -99,6 +101,22 @@ def _stale_notes(store: ResultStore, backbone_spec: str, identities: dict[str, d
     return notes
 
 
+def _stale_method_notes(store: ResultStore, backbone_spec: str, identities: dict[str, dict[str, Any]],
+                        configs: dict[str, str]) -> list[str]:
+    """Rows of the same data and features whose method settings differ from this run's (e.g. a default
+    changed in an upgrade): they are not reused."""
+    counts: dict[str, int] = {}
+    for r in store.rows:
+        d, m = r.get("dataset"), r.get("method")
+        if (r.get("backbone") == backbone_spec and d in identities and m in configs
+                and (r.get("identity") or "") == identities[d]["identity"]
+                and (r.get("method_config") or "") != configs[m]):
+            counts[m] = counts.get(m, 0) + 1
+    return [f"{n} row(s) of {m} for {backbone_spec} in {store.path} were made with other or unrecorded method settings (another "
+            "xmodal version or changed defaults): they stay in the file but are not reused; these cells are computed "
+            "afresh" for m, n in sorted(counts.items())]
+
+
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
@@ -159,13 +177,17 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
     store = ResultStore(out / RESULTS_FILE)
     grid = [(d, k, s) for d in data_specs for k in shots_l for s in seeds_l]
 
+    scale = float(getattr(backbone, "logit_scale", 100.0))  # as run_episode creates each method
+    configs = {m: method_config(create_method(m, logit_scale=scale)) for m in names}
+
     def key(m: str, d: str, k: int, s: int) -> tuple:
-        return (m, backbone_spec, d, k, s, identities[d]["identity"])
+        return (m, backbone_spec, d, k, s, identities[d]["identity"], configs[m])
 
     def pending(d: str, k: int, s: int) -> list[str]:
         return [m for m in names if not store.has(key(m, d, k, s))]
 
-    stale = _stale_notes(store, backbone_spec, identities)
+    stale = _stale_notes(store, backbone_spec, identities) + _stale_method_notes(store, backbone_spec, identities,
+                                                                                  configs)
     for note in stale:
         warnings.warn(note, stacklevel=2)
     n_skipped = sum(len(names) - len(pending(*e)) for e in grid)
