@@ -206,8 +206,9 @@ class XMAdapter(_XMBase):
     3. Fallback (``fallback``; default on in "search" mode): unless stage 2 beats stage 1 on validation, the
        model *is* the stage-1 Tip-Adapter-F (γ = 1, its keys, α, β). ``fallback_rule="margin"``: stage 2 must
        classify at least ``fallback_margin`` more validation images correctly (0: as many, with a lower
-       log-loss); ``"sign-test"``: among the validation images the stages disagree on, stage 2's wins must
-       pass a one-sided exact sign test at level ``fallback_p`` (the bar grows with the validation set).
+       log-loss); ``"sign-test"`` (default): among the validation images the stages disagree on, stage 2's
+       wins must pass a one-sided exact sign test at level ``fallback_p`` (0.05; the bar grows with the
+       validation set — a one-image margin stopped protecting at 808 validation images, docs/fewshot.md).
     ``train_keys``: whether stage 2 keeps training the image-cache keys (False: stage 1's keys stay fixed and
     only the text branch and γ learn; the image affinities are then computed once, not every step).
 
