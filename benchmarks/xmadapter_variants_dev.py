@@ -20,7 +20,7 @@ import time
 import torch
 
 from xmodal import create_method, extract_features, fewshot_split, load_backbone, load_dataset
-from xmodal.fewshot.xmadapter import sign_test_p
+from xmodal.fewshot.xmadapter import keeps_stage_two
 from xmodal.zeroshot import text_classifier
 
 VARIANTS = {
@@ -55,9 +55,9 @@ def fallback_rules(selected: dict) -> dict[str, bool]:
     (the same decisions ``XMAdapter(fallback_rule=..., fallback_margin=...)`` takes)."""
     won, lost = selected["val_images_won_lost"]
     lower_loss = selected["stage2_val_loss"] < selected["stage1"]["val_loss"]
-    return {"margin 0": won > lost or (won == lost and lower_loss), "margin 1": won - lost >= 1,
-            "margin 2": won - lost >= 2, "sign-test p≤0.05": won > lost and sign_test_p(won, lost) <= 0.05,
-            "sign-test p≤0.2": won > lost and sign_test_p(won, lost) <= 0.2}
+    rules = {"margin 0": ("margin", 0, 0.0), "margin 1": ("margin", 1, 0.0), "margin 2": ("margin", 2, 0.0),
+             "sign-test p≤0.05": ("sign-test", 0, 0.05), "sign-test p≤0.2": ("sign-test", 0, 0.2)}
+    return {name: keeps_stage_two(won, lost, lower_loss, rule, margin, p) for name, (rule, margin, p) in rules.items()}
 
 
 def main() -> None:

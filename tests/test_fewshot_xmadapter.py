@@ -173,3 +173,20 @@ def test_frozen_stage_two_keys_stay_those_of_tip_adapter_f(task):
     xm = create_method("xmadapter", seed=4, epochs=4, fallback=False, train_keys=False).fit(support, val, text)
     assert not xm.model_.keys.requires_grad
     assert torch.equal(xm.model_.keys, tipf.model_.keys)
+
+
+def test_keeps_stage_two_is_the_decision_the_fitted_method_takes(task):
+    from xmodal.fewshot.xmadapter import keeps_stage_two
+    assert keeps_stage_two(5, 0, False) and not keeps_stage_two(4, 0, True)      # sign test: 1/32 vs 1/16
+    assert keeps_stage_two(3, 2, False, "margin", 1) and not keeps_stage_two(3, 3, False, "margin", 1)
+    assert keeps_stage_two(3, 3, True, "margin", 0) and not keeps_stage_two(3, 3, False, "margin", 0)
+    with pytest.raises(ValueError, match="fallback_rule"):
+        keeps_stage_two(1, 0, True, "coin")
+    support, val, _, text = task
+    for kw in ({"fallback_rule": "sign-test", "fallback_p": 0.5}, {"fallback_rule": "margin", "fallback_margin": 0}):
+        xm = create_method("xmadapter", seed=2, epochs=4, **kw).fit(support, val, text)
+        sel = xm.selected_
+        won, lost = sel["val_images_won_lost"]
+        keep = keeps_stage_two(won, lost, sel["stage2_val_loss"] < sel["stage1"]["val_loss"], kw["fallback_rule"],
+                               kw.get("fallback_margin", 1), kw.get("fallback_p", 0.05))
+        assert sel["kept"] == ("xmadapter" if keep else "tip-adapter-f")

@@ -96,6 +96,8 @@ def result_identity(backbone: Any, dataset: Any, **features: Any) -> dict[str, A
 def method_config(method: Any) -> str:
     """Digest of a method's constructor parameters except ``seed`` and ``device`` (scikit-learn's
     ``get_params``): a row made with other settings — a changed default after an upgrade — is never reused."""
+    import hashlib
+
     import torch
 
     from ..cache import stable_hash
@@ -103,7 +105,8 @@ def method_config(method: Any) -> str:
 
     def plain(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
-            return {"tensor": list(v.shape), "sha": stable_hash(v.detach().cpu().double().flatten().tolist(), 16)}
+            data = v.detach().cpu().contiguous().numpy().tobytes()
+            return {"tensor": list(v.shape), "dtype": str(v.dtype), "sha": hashlib.sha256(data).hexdigest()[:16]}
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         if isinstance(v, dict):

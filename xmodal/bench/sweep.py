@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import InputError, UsageError
-from .plot import plot_accuracy_vs_shots
 from ..fewshot.base import create_method
+from .plot import plot_accuracy_vs_shots
 from .provenance import (describe_identity_change, git_commit, method_config, result_identity, utc_timestamp,
                          xmodal_version)
 from .run import (AUGMENT_SCOPES, FeatureBank, _dataset_spec, _default_extract, _default_split, resolve_methods,
@@ -112,9 +112,9 @@ def _stale_method_notes(store: ResultStore, backbone_spec: str, identities: dict
                 and (r.get("identity") or "") == identities[d]["identity"]
                 and (r.get("method_config") or "") != configs[m]):
             counts[m] = counts.get(m, 0) + 1
-    return [f"{n} row(s) of {m} for {backbone_spec} in {store.path} were made with other or unrecorded method settings (another "
-            "xmodal version or changed defaults): they stay in the file but are not reused; these cells are computed "
-            "afresh" for m, n in sorted(counts.items())]
+    return [f"{n} row(s) of {m} for {backbone_spec} in {store.path} were made with other or unrecorded method "
+            "settings (another xmodal version or changed defaults): they stay in the file but are not reused; these "
+            "cells are computed afresh" for m, n in sorted(counts.items())]
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

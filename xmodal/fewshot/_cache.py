@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..featureset import FeatureSet
-from ._common import adamw, batches, class_groups, cosine_lr, cpu_generator, epoch_features, to_classes
+from ._common import (adamw, batches, class_groups, cosine_lr, cpu_generator, epoch_features, epoch_view,
+                      to_classes)
 
 
 def mlp(d_in: int, d_out: int, arch: str) -> nn.Module:
@@ -217,7 +218,7 @@ def train_cache_model(
     gen = cpu_generator(seed)
     n = len(support)
     labels = support.labels.to(device)
-    view_constants: dict[int, dict[str, torch.Tensor]] = {}  # per view: terms fixed while training
+    view_constants: dict[int | None, dict[str, torch.Tensor]] = {}  # per view: terms fixed while training
     val_constants = constant_terms(model, val_features, beta) if loss_fn is None and eval_fn is None else {}
 
     def evaluate() -> tuple[float, float]:
@@ -237,7 +238,7 @@ def train_cache_model(
     for epoch in range(epochs):
         model.train()
         x_all = epoch_features(support, epoch).to(device)
-        view = epoch % support.views.shape[0] if support.views is not None and support.views.shape[0] else 0
+        view = epoch_view(support, epoch)
         if loss_fn is None and view not in view_constants:
             view_constants[view] = constant_terms(model, x_all, beta)
         consts = view_constants.get(view, {})

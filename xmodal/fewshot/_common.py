@@ -70,11 +70,17 @@ def key_source(fs: FeatureSet) -> str:
     return f"mean-of-{fs.views.shape[0]}-views" if fs.views is not None and fs.views.shape[0] > 0 else "features"
 
 
+def epoch_view(fs: FeatureSet, epoch: int) -> int | None:
+    """Which augmented view epoch ``epoch`` trains on (``epoch mod V``); None without views (plain features)."""
+    if fs.views is not None and fs.views.shape[0] > 0:
+        return epoch % fs.views.shape[0]
+    return None
+
+
 def epoch_features(fs: FeatureSet, epoch: int) -> torch.Tensor:
     """Training inputs for one epoch: view ``epoch mod V`` of every support image (plain features if no views)."""
-    if fs.views is not None and fs.views.shape[0] > 0:
-        return fs.views[epoch % fs.views.shape[0]].float()
-    return fs.features.float()
+    view = epoch_view(fs, epoch)
+    return fs.features.float() if view is None else fs.views[view].float()
 
 
 def class_groups(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, int | None]:

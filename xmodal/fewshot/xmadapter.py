@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ShapeError
 from ..featureset import FeatureSet
-from ._cache import CacheModel, Gamma, TextBranch, better, train_cache_model, val_loss_acc
+from ._cache import CacheModel, Gamma, TextBranch, better, constant_terms, train_cache_model, val_loss_acc
 from ._common import (cache_grid_search, cache_keys, check_features, check_fit_inputs, key_source,
                       require_fitted, seeded)
 from .base import FewShotMethod, register
@@ -68,6 +68,20 @@ def sign_test_p(won: int, lost: int) -> float:
     if n == 0:
         return 1.0
     return float(sum(math.comb(n, k) for k in range(won, n + 1)) / 2 ** n)
+
+
+def keeps_stage_two(won: int, lost: int, lower_loss: bool, rule: str = "sign-test", margin: int = 1,
+                    p: float = 0.05) -> bool:
+    """The fallback decision from the validation images stage 2 alone classifies right (``won``) and stage 1
+    alone classifies right (``lost``): "sign-test" — more wins, significant at level ``p``; "margin" — at
+    least ``margin`` more wins (0: as many, with a lower validation log-loss, ``lower_loss``)."""
+    if rule not in FALLBACK_RULES:
+        raise ValueError(f"unknown fallback_rule {rule!r}; use one of {FALLBACK_RULES}")
+    if rule == "sign-test":
+        return won > lost and sign_test_p(won, lost) <= p
+    if margin > 0:
+        return won - lost >= margin
+    return won > lost or (won == lost and lower_loss)
 
 
 class _XMBase(_TipSearchMixin, FewShotMethod):
@@ -247,9 +261,6 @@ class XMAdapter(_XMBase):
         with torch.no_grad():
             return self.model_(fv, self.alpha_, self.beta_, self.beta_t_)[0]
 
-    def _val_loss_acc(self, fv: torch.Tensor, yv: torch.Tensor) -> tuple[float, float]:
-        return val_loss_acc(self._val_logits(fv), yv)
-
     def fit(self, support: FeatureSet, val: FeatureSet, text_classifier: torch.Tensor) -> "XMAdapter":
         check_fit_inputs(support, val, text_classifier)
         dev = self.device
@@ -291,23 +302,20 @@ class XMAdapter(_XMBase):
                 weight_fn=self._weight_fn(), weight_decay=self.weight_decay, eval_fn=eval_fn)
         m.eval()
         chosen = self._search(fv, yv)
-        loss2, _ = self._val_loss_acc(fv, yv)
+        logits2 = self._val_logits(fv)
+        loss2, _ = val_loss_acc(logits2, yv)
         acc2 = chosen["val_acc"]
         stage2 = {"stage2_epoch": int(best_epoch), "stage2_val_acc": float(acc2), "stage2_val_loss": float(loss2),
                   "val_acc_per_epoch": [float(a) for a in curve], "val_loss_per_epoch": [float(v) for v in losses]}
         with torch.no_grad():
-            right2 = self._val_logits(fv).argmax(-1) == yv
+            right2 = logits2.argmax(-1) == yv
             right1 = taf.decision_scores(fv).argmax(-1) == yv
         won, lost = int((right2 & ~right1).sum()), int((right1 & ~right2).sum())
         stage2["val_images_won_lost"] = [won, lost]
         if self.fallback_rule == "sign-test":
-            p_value = sign_test_p(won, lost)
-            stage2["sign_test_p"] = p_value
-            wins = won > lost and p_value <= self.fallback_p
-        elif self.fallback_margin > 0:  # at least `fallback_margin` more validation images right
-            wins = won - lost >= self.fallback_margin
-        else:                           # as many, with a lower log-loss, suffices
-            wins = won > lost or (won == lost and loss2 < ts["val_loss"])
+            stage2["sign_test_p"] = sign_test_p(won, lost)
+        wins = keeps_stage_two(won, lost, loss2 < ts["val_loss"], self.fallback_rule, self.fallback_margin,
+                               self.fallback_p)
         if wins or not self._uses_fallback():
             self.selected_ = {**chosen, **common, **stage2, "val_loss": float(loss2), "kept": "xmadapter"}
         else:
@@ -320,7 +328,7 @@ class XMAdapter(_XMBase):
         m = self.model_
         gammas = [float(g) for g in self.gamma_grid]
 
-        frozen = None if m.keys.requires_grad else m.img_affinity(fv, beta).detach()  # keys fixed: compute once
+        frozen = constant_terms(m, fv, beta).get("p_img")  # frozen keys: A_img L computed once
 
         def evaluate() -> tuple[float, float]:
             zs = m.zero_shot(fv)
