@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from .batcher import MicroBatcher, QueueFullError
 from .card import model_card
+from .docs import install_docs
 from .limits import ApiError, UploadLimits, decode_image, read_limited
 from .schemas import ClassifyResponse, ErrorBody, Health, ImageResult, LabelScore, ModelCard
 
@@ -118,12 +119,13 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
         finally:
             await batcher.stop()
 
-    app = FastAPI(title="xmodal few-shot classifier", version="1", lifespan=lifespan,
+    app = FastAPI(title="xmodal few-shot classifier", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Classify images with a saved xmodal few-shot classifier. "
                               "Errors are JSON: {\"error\", \"type\", \"hint\"}.")
     app.state.xmodal = state
     _install_error_handlers(app)
     _install_header_middleware(app, settings)
+    install_docs(app, app.title)
     page, page_csp = _load_page()
     error_responses: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorBody, "description": text} for code, text in
