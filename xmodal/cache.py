@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .filemode import apply_umask
+
 
 def stable_hash(obj: Any, length: int = 20) -> str:
     """SHA-256 of a canonical JSON encoding (sorted keys), truncated."""
@@ -20,7 +22,8 @@ def stable_hash(obj: Any, length: int = 20) -> str:
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is renamed over ``target`` in one step.
 
-    A crash or exception leaves ``target`` as it was (never half-written) and removes the temp file.
+    A crash or exception leaves ``target`` as it was (never half-written) and removes the temp file. The file
+    gets the user's umask mode (mkstemp and safetensors create it owner-only).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +31,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        apply_umask(tmp)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..cache import file_digest
 from ..errors import InputError
+from ..filemode import apply_umask
 
 FORMAT = "xmodal-classifier"
 FORMAT_VERSION = 1
@@ -54,6 +55,7 @@ def write_artefact(target: str | Path, tensors: dict[str, torch.Tensor], doc: di
             fh.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        apply_umask(tmp)  # mkdtemp and safetensors create owner-only modes
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)

@@ -23,6 +23,7 @@ import torch
 
 from ..cache import atomic_write_text, file_digest, stable_hash
 from ..errors import ResourceError
+from ..filemode import apply_umask
 from .onnx import EngineUnavailable, OnnxTower, _session, load_or_export
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ def int8_tower(backbone: "VisionLanguageBackbone", tower: str, cache_dir: str | 
         _quantize(fp32.path, tmp, calib_pixels().float().contiguous(), fp32.input_name)
         digest = file_digest(tmp)
         final = root / f"{key}-{digest[:12]}.int8.onnx"
+        apply_umask(tmp)  # mkstemp creates it owner-only
         os.replace(tmp, final)
     except Exception as exc:
         raise ResourceError(f"int8 quantisation of {backbone.spec} failed ({type(exc).__name__}: {exc})",

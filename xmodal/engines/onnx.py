@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import atomic_write_text, file_digest, stable_hash
+from ..filemode import apply_umask
 
 if TYPE_CHECKING:
     from ..backbones.base import VisionLanguageBackbone
@@ -164,6 +165,7 @@ def load_or_export(backbone: "VisionLanguageBackbone", tower: str, cache_dir: st
         _export(backbone, tower, tmp)
         digest = file_digest(tmp)
         final = root / f"{key}-{digest[:12]}.onnx"
+        apply_umask(tmp)  # mkstemp creates it owner-only
         os.replace(tmp, final)  # content-addressed: a concurrent exporter writes the same name or its own
     except Exception as exc:
         raise EngineUnavailable(f"export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
