@@ -46,6 +46,36 @@ def _split_files(values: List[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+@xadapter_app.command("head")
+def head_command(
+    corpus: List[str] = typer.Option(..., "--corpus", help="text corpus: jsonl ({\"text\": ...}) or .txt files; repeat or comma-separate"),
+    out: str = typer.Option(..., "--out", help="folder for head.safetensors + head.json"),
+    plm: str = typer.Option("minilm", "--plm", help="PLM: 'minilm' (packaged MiniLM-L6) or a local HF folder"),
+    max_steps: int = typer.Option(3000, "--max-steps", help="upper bound; training stops earlier when the loss flattens"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    window: int = typer.Option(100, "--window", help="steps per loss window of the stopping rule"),
+    min_improvement: float = typer.Option(0.01, "--min-improvement", help="stop when a window's mean loss improves on the previous one by less than this fraction"),
+    max_length: int = typer.Option(48, "--max-length"),
+    max_texts: Optional[int] = typer.Option(None, "--max-texts"),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="continue an unfinished head run in --out"),
+    json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
+) -> None:
+    """Text-only base: train a PLM's missing MLM head alone (body frozen, no experts) until its loss flattens.
+
+    Every adaptation run then starts from it (`xadapter train --head DIR`), and `probe colors --head DIR`
+    probes it as the text-only row."""
+    from .tasks.head import HeadArgs, train_head
+
+    _quiet_hf()
+    args = HeadArgs(plm=plm, corpus=_split_files(corpus), out=out, max_steps=max_steps, batch_size=batch_size,
+                    lr=lr, window=window, min_improvement=min_improvement, max_length=max_length,
+                    max_texts=max_texts, seed=seed, resume=resume, progress=not json_out)
+    result = train_head(args, log=_logger(json_out))
+    _emit(result, json_out, lambda r: typer.echo(f"head saved to {r['out']}: {r['steps']} steps, {r['stopped']}"))
+
+
 @xadapter_app.command("train")
 def train_command(
     plm: str = typer.Option("minilm", "--plm", help="PLM: 'minilm' (packaged MiniLM-L6), a local HF folder, or a hub id (offline: must be cached)"),
@@ -77,9 +107,17 @@ def train_command(
     dropout: float = typer.Option(0.1, "--dropout", help="dropout inside the experts"),
     visual: str = typer.Option("real", "--visual", help="V-expert input: real | shuffled (images of other classes) | zero; the last two are controls"),
     focus_words: Optional[str] = typer.Option(None, "--focus-words", help="comma list of words always masked when present (e.g. the colour terms)"),
+    head: Optional[str] = typer.Option(None, "--head", help="text-only base head folder (built by `xmodal xadapter head`); loaded before training and kept frozen unless --train-head"),
+    train_head: Optional[bool] = typer.Option(None, "--train-head/--freeze-head", help="train the MLM head with the adapters (default: only when no --head is given)"),
+    image_root: Optional[str] = typer.Option(None, "--image-root", help="folder that corpus rows' \"image\" paths are relative to (default: each corpus file's folder)"),
+    paired_retrieved: bool = typer.Option(False, "--paired-retrieved", help="rows with their own image also get the k retrieved images"),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="count and skip malformed corpus rows instead of stopping at the first"),
     json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
 ) -> None:
-    """MLM adaptation: train X-adapters on a caption corpus with retrieved images (PLM and CLIP frozen)."""
+    """MLM adaptation: train X-adapters on a corpus (PLM and CLIP frozen).
+
+    The V-expert sees each row's own image(s) when rows name them ({"text": ..., "image": "rel/path.jpg"}),
+    else the k images retrieved from --bank for the masked text."""
     from .tasks.train import TrainArgs, train_mlm
 
     _quiet_hf()
@@ -89,7 +127,8 @@ def train_command(
                      experts=experts, layers=layers, heads=heads, attn_dim=attn_dim, proj_dim=proj_dim,
                      bottleneck=bottleneck, feature_source=feature_source, k=k, save_every=save_every,
                      stop_after=stop_after, max_texts=max_texts, progress=not json_out, dropout=dropout,
-                     visual=visual, focus_words=focus_words)
+                     visual=visual, focus_words=focus_words, head=head, train_head=train_head,
+                     image_root=image_root, paired_retrieved=paired_retrieved, skip_bad_rows=skip_bad_rows)
     summary = train_mlm(args, log=_logger(json_out))
 
     def human(s):
@@ -115,12 +154,13 @@ def probe_colors_command(
     device: str = typer.Option("auto", "--device"),
     visual: str = typer.Option("real", "--visual", help="V-expert input: real (retrieved images) | shuffled (images of other classes, a control) | zero (a control)"),
     force: bool = typer.Option(False, "--force", help="load an adapter trained on a PLM with other weights (warns)"),
+    head: Optional[str] = typer.Option(None, "--head", help="text-only head folder (`xmodal xadapter head`): probe the text-only base of a PLM shipped without an MLM head"),
     json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
 ) -> None:
     """Zero-shot object-colour probe: accuracy over template x object, argmax within the dataset's colours."""
     _quiet_hf()
     result = run_probe(data, plm, xadapter, backbone, bank, templates, experts, trailing_period, batch_size,
-                       device, log=_logger(json_out), visual=visual, force=force)
+                       device, log=_logger(json_out), visual=visual, force=force, head=head)
 
     def human(r):
         typer.echo(f"colour probe on {r['data']} ({r['n_objects']} objects x {r['n_templates']} templates), "
@@ -133,16 +173,17 @@ def probe_colors_command(
 
 
 def run_probe(data, plm="minilm", xadapter=None, backbone=None, bank=None, templates="valm", experts=None,
-              trailing_period=False, batch_size=64, device="auto", log=print, visual="real", force=False) -> dict:
+              trailing_period=False, batch_size=64, device="auto", log=print, visual="real", force=False,
+              head=None) -> dict:
     """The colour probe of ``data`` on a PLM, optionally through an X-adapter (see ``tasks.adapted``)."""
     from .tasks.adapted import load_adapted_mlm
     from .tasks.probe import probe_colors, read_color_csv
 
     items = read_color_csv(data)
-    a = load_adapted_mlm(plm, xadapter, backbone, bank, experts, device, visual=visual, force=force, log=log)
+    a = load_adapted_mlm(plm, xadapter, backbone, bank, experts, device, visual=visual, force=force, log=log, head=head)
     result = probe_colors(a.model, a.tokenizer, items, templates=templates, trailing_period=trailing_period,
                           builder=a.builder, batch_size=batch_size, device=a.device)
-    result.update({"data": str(data), "plm": plm, "xadapter": xadapter, "backbone": a.backbone_spec, "bank": bank,
+    result.update({"data": str(data), "plm": plm, "xadapter": xadapter, "head": head, "backbone": a.backbone_spec, "bank": bank,
                    "experts": list(a.active), "visual": visual if "v" in a.active else None})
     if a.warnings:
         result["warnings"] = a.warnings
@@ -197,6 +238,8 @@ def fill_mask_command(
     backbone: Optional[str] = typer.Option(None, "--backbone", help="VLM spec (default: the adapter's)"),
     experts: Optional[str] = typer.Option(None, "--experts", help="v,t | v | t | none (default: all of the adapter's)"),
     compare: bool = typer.Option(False, "--compare", help="show experts on and off side by side (same weights)"),
+    image: List[str] = typer.Option([], "--image", help="image file the V-expert sees instead of retrieved ones (repeatable)"),
+    head: Optional[str] = typer.Option(None, "--head", help="text-only head folder (for a PLM without an MLM head, no --xadapter)"),
     top_k: int = typer.Option(5, "--top-k", help="how many fillers to show"),
     device: str = typer.Option("auto", "--device"),
     force: bool = typer.Option(False, "--force", help="load an adapter trained on a PLM with other weights (warns)"),
@@ -206,10 +249,12 @@ def fill_mask_command(
     from .tasks.fill_mask import FillMask
 
     _quiet_hf()
-    fill = FillMask(plm, xadapter, bank, backbone=backbone, experts=experts, top_k=top_k, device=device, force=force)
+    fill = FillMask(plm, xadapter, bank, backbone=backbone, experts=experts, top_k=top_k, device=device, force=force,
+                    head=head, images=image)
     fill.load(log=_logger(json_out))
     out = fill(text, compare=compare)
     result = {"text": text, "plm": plm, "xadapter": xadapter, "bank": bank, "experts": list(fill.active_experts),
+              "images": list(image),
               **({"compare": out} if compare else {"predictions": out})}
 
     def human(r):

@@ -106,6 +106,22 @@ class Expert(nn.Module):
     def forward(self, h: torch.Tensor, x: torch.Tensor, x_mask: torch.Tensor | None = None) -> torch.Tensor:
         return h + self.delta(h, x, x_mask)
 
+    @torch.no_grad()
+    def attention(self, h: torch.Tensor, x: torch.Tensor, x_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The cross-attention weights (B, heads, n, m) that ``delta`` uses: a diagnostic (does the expert
+        tell its visual inputs apart, or average them?)."""
+        b, n, _ = h.shape
+        x = x.to(dtype=self.in_proj.weight.dtype)
+        m = x.shape[1]
+        dh = self.attn_dim // self.heads
+        xt = self.in_norm(self.in_proj(x))
+        q = self.q(h).view(b, n, self.heads, dh).transpose(1, 2)
+        k = self.k(xt).view(b, m, self.heads, dh).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / dh ** 0.5
+        if x_mask is not None:
+            scores = scores.masked_fill(~x_mask.bool()[:, None, None, :], float("-inf"))
+        return scores.softmax(-1)
+
 
 class XAdapterLayer(nn.Module):
     """The experts placed after one PLM layer."""
@@ -146,6 +162,8 @@ class XAdapterStack(nn.Module):
         self.head_param_names: list[str] = []   # newly created head parameters (saved with the adapter)
         self._context: XContext | None = None
         self._handles: list = []
+        # diagnostics: when a list, every expert application appends (layer, expert, h, features, mask, delta)
+        self.trace: list | None = None
 
     # ----- gates ----------------------------------------------------------------------------
     def set_gates(self, v: bool | None = None, t: bool | None = None) -> None:
@@ -204,7 +222,12 @@ class XAdapterStack(nn.Module):
                     raise ShapeError(f"{name} context has batch {feats.shape[0]} but the PLM batch is {h.shape[0]}")
                 feats = feats.expand(h.shape[0], -1, -1)
                 mask = None if mask is None else mask.expand(h.shape[0], -1)
-            out = out + layer.experts[name].delta(h, feats.to(h.device), None if mask is None else mask.to(h.device))
+            feats = feats.to(h.device)
+            mask = None if mask is None else mask.to(h.device)
+            delta = layer.experts[name].delta(h, feats, mask)
+            if self.trace is not None:
+                self.trace.append((idx, name, h.detach(), feats.detach(), mask, delta.detach()))
+            out = out + delta
         return out
 
     def remove_hooks(self) -> None:
@@ -384,8 +407,16 @@ def save_xadapter(model: nn.Module, directory: str | os.PathLike, extra: dict | 
     return directory
 
 
-def read_xadapter_meta(directory: str | os.PathLike) -> dict:
+def resolve_adapter_dir(directory: str | os.PathLike) -> Path:
+    """A training run folder (holding ``xadapter/``) or the adapter folder itself -> the adapter folder."""
     directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file() and (directory / "xadapter" / CONFIG_NAME).is_file():
+        return directory / "xadapter"
+    return directory
+
+
+def read_xadapter_meta(directory: str | os.PathLike) -> dict:
+    directory = resolve_adapter_dir(directory)
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise XmodalError(f"{directory} is not an X-adapter folder (no {CONFIG_NAME}); "
@@ -405,7 +436,7 @@ def load_xadapter(model: nn.Module, directory: str | os.PathLike, load_head: boo
     from safetensors.torch import load_file
 
     model = unwrap(model)
-    directory = Path(directory)
+    directory = resolve_adapter_dir(directory)
     meta = read_xadapter_meta(directory)
     saved, here = meta["plm"], plm_info(model)
     diffs = [f"{k}: adapter has {saved.get(k)}, model has {here.get(k)}"
@@ -471,5 +502,5 @@ def expected_param_count(cfg: XAdapterConfig) -> int:
 __all__ = [
     "XContext", "Expert", "XAdapterLayer", "XAdapterStack", "add_xadapter", "remove_xadapter", "get_xadapter",
     "has_xadapter", "mark_new_head", "adapter_parameters", "count_parameters", "save_xadapter", "load_xadapter",
-    "read_xadapter_meta", "expected_param_count", "unwrap", "plm_info", "plm_fingerprint",
+    "read_xadapter_meta", "resolve_adapter_dir", "expected_param_count", "unwrap", "plm_info", "plm_fingerprint",
 ]

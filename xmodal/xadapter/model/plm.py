@@ -113,3 +113,27 @@ def is_byte_level(tokenizer) -> bool:
     ids = tokenizer.encode(" red", add_special_tokens=False)
     ids2 = tokenizer.encode("red", add_special_tokens=False)
     return ids != ids2
+
+
+def mlm_head(model):
+    """The MLM prediction head of a BERT / RoBERTa ``*ForMaskedLM`` (``cls`` or ``lm_head``), or None."""
+    for name in ("cls", "lm_head"):
+        head = getattr(model, name, None)
+        if head is not None:
+            return head
+    return None
+
+
+def masked_lm_logits(model, batch: dict, labels):
+    """Logits at the labelled positions only: (n_targets, vocab).
+
+    The head runs on the masked positions instead of every token (a caption has ~12 tokens and 1-2
+    targets; the vocabulary projection dominates a step otherwise). Falls back to the full forward for
+    models whose head cannot be reached.
+    """
+    head = mlm_head(model)
+    where = labels != -100
+    if head is None:
+        return model(**batch).logits[where]
+    hidden = model.base_model(**batch).last_hidden_state
+    return head(hidden[where])

@@ -82,7 +82,8 @@ class ContextBuilder:
     """
 
     def __init__(self, config: XAdapterConfig, backbone=None, bank=None, device="cpu", visual: str = "real",
-                 shuffle_seed: int = 0) -> None:
+                 shuffle_seed: int = 0, paired=None, paired_retrieved: bool = False,
+                 cache_queries: bool = False) -> None:
         if visual not in VISUAL_MODES:
             raise XmodalError(f"unknown visual input {visual!r}; use one of {', '.join(VISUAL_MODES)}")
         self.config, self.backbone, self.bank = config, backbone, bank
@@ -91,13 +92,24 @@ class ContextBuilder:
         self._shuffle: torch.Tensor | None = None
         self.last_rows: torch.Tensor | None = None      # bank rows retrieved for the last batch (before shuffling)
         self.last_fed_rows: torch.Tensor | None = None  # bank rows whose features were fed to the V-expert
+        # paired images (a ``PairedImages``): examples that name their own images see those; with
+        # ``paired_retrieved`` the k retrieved images are appended
+        self.paired, self.paired_retrieved = paired, paired_retrieved
+        # query text -> retrieved bank rows, so a text seen again is not embedded and searched again
+        self._query_rows: dict[str, torch.Tensor] | None = {} if cache_queries else None
 
-    def build(self, texts, experts: tuple[str, ...] = ("v", "t")) -> XContext:
+    def build(self, texts, experts: tuple[str, ...] = ("v", "t"), images=None) -> XContext:
+        """``images``: per example, the paths of its paired images (needs ``paired``); None = retrieval only."""
         examples = [tuple(t for t in ([x] if isinstance(x, str) else x) if t is not None) for x in texts]
         flat = [t for ex in examples for t in ex]
         owner = [i for i, ex in enumerate(examples) for _ in ex]
         ctx = XContext()
         if not flat:
+            return ctx
+        if images is not None and self.paired is not None and "v" in experts:
+            ctx.visual, ctx.visual_mask = self._paired_visual(flat, owner, len(examples), images)
+            if "t" in experts:
+                ctx.text, ctx.text_mask = self._group(self.text_features(flat), owner, len(examples))
             return ctx
         # With both experts on pooled features, the retrieval query and the T-expert input are the same
         # CLIP text embedding: encode each text once.
@@ -110,6 +122,28 @@ class ContextBuilder:
         if "t" in experts:
             ctx.text, ctx.text_mask = self._group(self.text_features(flat, shared), owner, len(examples))
         return ctx
+
+    def _paired_visual(self, flat, owner, n, images) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, mask = self.paired.features(images, self.visual)
+        if self.paired_retrieved or not bool(mask.any(1).all()):
+            # examples without their own image fall back to retrieval (all of them with paired_retrieved)
+            if self.bank is not None or self.visual == "zero":
+                rf, rm = self._group(self.visual_features(flat), owner, n)
+                if not self.paired_retrieved:
+                    rm = rm & ~mask.any(1, keepdim=True).to(rm.device)
+                feats = torch.cat([feats.to(rf.device), rf], 1)
+                mask = torch.cat([mask.to(rm.device), rm], 1)
+        return feats.to(self.device), mask.to(self.device)
+
+    def _search(self, texts: list[str]) -> torch.Tensor:
+        """Bank rows of the k images retrieved for each text (cached per text when ``cache_queries``)."""
+        if self._query_rows is None:
+            return self.bank.search_texts(self.backbone, texts, self.config.k)[1]
+        todo = sorted({t for t in texts if t not in self._query_rows})
+        if todo:
+            rows = self.bank.search_texts(self.backbone, todo, self.config.k)[1].cpu()
+            self._query_rows.update(zip(todo, rows))
+        return torch.stack([self._query_rows[t] for t in texts])
 
     def _group(self, fm: tuple[torch.Tensor, torch.Tensor], owner: list[int], n: int):
         feats, mask = fm
@@ -132,7 +166,7 @@ class ContextBuilder:
             raise XmodalError("the V-expert needs retrieved images: pass --bank DIR (and --backbone SPEC), "
                               "or switch it off with --experts t")
         if query is None:
-            _, idx = self.bank.search_texts(self.backbone, texts, self.config.k)
+            idx = self._search(list(texts))
         else:
             from .bank import check_backbone
 

@@ -34,8 +34,13 @@ def resolve_device(name: str | None) -> torch.device:
 
 def load_adapted_mlm(plm: str, xadapter: str | None = None, backbone: str | None = None, bank: str | None = None,
                      experts: str | None = None, device: str | torch.device | None = "auto", visual: str = "real",
-                     force: bool = False, log=print) -> AdaptedMLM:
-    """PLM (+ adapter) + context builder. Refuses a PLM without a trained MLM head."""
+                     force: bool = False, log=print, head: str | None = None,
+                     paired_images: bool = False) -> AdaptedMLM:
+    """PLM (+ adapter) + context builder. Refuses a PLM without a trained MLM head.
+
+    ``head``: a text-only head folder (``xmodal xadapter head``) for a PLM shipped without one — the
+    text-only base, probed without any adapter. ``paired_images``: the caller feeds the V-expert its own
+    images (``builder.paired``), so no retrieval bank is required."""
     from ..retrieval.context import DEFAULT_BACKBONE, ContextBuilder, load_bank
     from ..model.modules import get_xadapter, load_xadapter, read_xadapter_meta
     from ..model.plm import load_mlm
@@ -43,6 +48,10 @@ def load_adapted_mlm(plm: str, xadapter: str | None = None, backbone: str | None
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model, tokenizer, new_head, _ = load_mlm(plm)
     builder, spec, active, notes = None, None, (), []
+    if head:
+        from .head import load_head
+
+        new_head = sorted(set(new_head) - set(load_head(model, head)))
     if xadapter:
         meta = read_xadapter_meta(xadapter)
         stack = load_xadapter(model, xadapter, force=force, log=notes.append)
@@ -54,7 +63,7 @@ def load_adapted_mlm(plm: str, xadapter: str | None = None, backbone: str | None
 
             spec = backbone or meta["config"].get("backbone") or DEFAULT_BACKBONE
             bb = load_backbone(spec, device=str(dev))
-            needs_bank = "v" in stack.active_experts and visual != "zero"
+            needs_bank = "v" in stack.active_experts and visual != "zero" and not (paired_images and not bank)
             if needs_bank and not bank:
                 raise XmodalError("the V-expert needs --bank DIR (images to retrieve); or use --experts t / none",
                                   hint="build a bank with `xmodal xadapter bank` and pass it as --bank DIR")

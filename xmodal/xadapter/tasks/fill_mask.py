@@ -8,6 +8,8 @@ The retrieval query (and the T-expert's input) is the text without the mask, as 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ...errors import InputError
@@ -26,8 +28,11 @@ class FillMask:
 
     def __init__(self, plm: str = "minilm", xadapter_dir: str | None = None, bank_dir: str | None = None, *,
                  backbone: str | None = None, experts: str | None = None, top_k: int = 5, device: str = "auto",
-                 force: bool = False) -> None:
+                 force: bool = False, head: str | None = None, images: list[str] | None = None) -> None:
+        """``images``: files the V-expert sees instead of retrieved ones (paired input); ``head``: a text-only
+        head folder, to query a PLM shipped without an MLM head as the text-only base."""
         self.plm, self.xadapter_dir, self.bank_dir = plm, xadapter_dir, bank_dir
+        self.head, self.images = head, list(images or [])
         self.backbone, self.experts, self.top_k, self.device, self.force = backbone, experts, top_k, device, force
         self._adapted = None
 
@@ -36,7 +41,19 @@ class FillMask:
 
         if self._adapted is None:
             self._adapted = load_adapted_mlm(self.plm, self.xadapter_dir, self.backbone, self.bank_dir, self.experts,
-                                             self.device, force=self.force, log=log)
+                                             self.device, force=self.force, log=log, head=self.head,
+                                             paired_images=bool(self.images))
+            a = self._adapted
+            if self.images and a.builder is not None and "v" in a.active:
+                from ..retrieval.paired import PairedImages
+
+                for path in self.images:
+                    if not os.path.isfile(path):
+                        raise InputError(f"image {path} not found", hint="pass an existing image file to --image")
+                a.builder.paired = PairedImages.embed(self.images, a.builder.backbone, a.builder.bank)
+            elif self.images:
+                raise InputError("--image needs an X-adapter with its V-expert on",
+                                 hint="pass --xadapter DIR (trained with the V-expert) and leave --experts at v or v,t")
         return self
 
     @property
@@ -70,7 +87,8 @@ class FillMask:
             stack.set_experts(",".join(experts) or "none")
             try:
                 if experts:
-                    with stack.context(a.builder.build([query], experts)):
+                    images = [tuple(a.builder.paired.paths)] if self.images and "v" in experts else None
+                    with stack.context(a.builder.build([query], experts, images=images)):
                         logits = model(**enc).logits
                 else:
                     logits = model(**enc).logits

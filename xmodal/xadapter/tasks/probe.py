@@ -172,4 +172,36 @@ def probe_colors(model, tokenizer, items: list[ColorItem], templates: str = "val
     }
 
 
-__all__ = ["VALM_TEMPLATES", "NORLUND_TEMPLATES", "read_color_csv", "fill_template", "color_token_ids", "probe_colors"]
+@torch.no_grad()
+def candidate_probs(model, tokenizer, prompts: list[str], candidates: list[str], visual: torch.Tensor | None = None,
+                    visual_mask: torch.Tensor | None = None, batch_size: int = 128,
+                    device: str | torch.device = "cpu") -> torch.Tensor:
+    """Softmax over ``candidates`` at the one mask of each prompt -> (N, C) float tensor (CPU).
+
+    ``visual`` (N, m, D) [+ ``visual_mask`` (N, m)]: what the V-expert sees for each prompt (e.g. the
+    image the prompt is about); None runs the model as it is (experts off, or no adapter).
+    """
+    ids = color_token_ids(candidates, tokenizer)
+    cand = torch.tensor([ids[c] for c in candidates], device=device)
+    stack = get_xadapter(model) if has_xadapter(model) else None
+    if visual is not None and (stack is None or "v" not in stack.active_experts):
+        raise XmodalError("visual input was given but the model has no active V-expert")
+    model.eval()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start: start + batch_size]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+        mask_pos = enc["input_ids"] == tokenizer.mask_token_id
+        if not bool((mask_pos.sum(1) == 1).all()):
+            raise XmodalError("each prompt must contain exactly one mask token after tokenisation")
+        if visual is not None:
+            vm = None if visual_mask is None else visual_mask[start: start + batch_size].to(device)
+            with stack.context(visual=visual[start: start + batch_size].to(device), visual_mask=vm):
+                logits = model(**enc).logits
+        else:
+            logits = model(**enc).logits
+        out.append(logits[mask_pos][:, cand].float().softmax(-1).cpu())
+    return torch.cat(out) if out else torch.empty(0, len(candidates))
+
+
+__all__ = ["candidate_probs", "VALM_TEMPLATES", "NORLUND_TEMPLATES", "read_color_csv", "fill_template", "color_token_ids", "probe_colors"]

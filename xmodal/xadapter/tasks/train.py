@@ -37,7 +37,8 @@ from ..model.modules import (
     save_xadapter,
     unwrap,
 )
-from ..model.plm import load_mlm
+from ..model.plm import load_mlm, masked_lm_logits
+from .corpus import Corpus, read_corpus_rows
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
@@ -46,36 +47,14 @@ ADAPTER_SUBDIR = "xadapter"
 # arguments that must not change between a run and its resumption
 _RESUME_KEYS = ("plm", "backbone", "steps", "batch_size", "lr", "mask_ratio", "max_length", "seed", "experts",
                 "corpus", "warmup_ratio", "weight_decay", "visual", "focus_words", "layers", "heads", "attn_dim",
-                "proj_dim", "bottleneck", "feature_source", "k", "dropout", "max_texts")
+                "proj_dim", "bottleneck", "feature_source", "k", "dropout", "max_texts", "head", "train_head",
+                "image_root", "paired_retrieved", "skip_bad_rows")
 
 
-def read_corpus(files: list[str | Path], limit: int | None = None) -> list[str]:
-    """jsonl files with {"text": ...} per line, or plain text files with one text per line."""
-    texts: list[str] = []
-    for f in files:
-        path = Path(f)
-        if not path.is_file():
-            raise XmodalError(f"corpus file {path} not found")
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                if path.suffix in (".jsonl", ".json"):
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                        raise XmodalError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from exc
-                else:
-                    text = line
-                text = " ".join(str(text).split())
-                if text:
-                    texts.append(text)
-                if limit and len(texts) >= limit:
-                    return texts
-    if not texts:
-        raise XmodalError(f"the corpus {', '.join(map(str, files))} has no texts")
-    return texts
+def read_corpus(files: list[str | Path], limit: int | None = None, skip_bad_rows: bool = False) -> list[str]:
+    """The texts of jsonl files ({"text": ...} per line) or plain text files (one text per line), validated
+    (see ``corpus.read_corpus_rows``; image fields are checked there and ignored here)."""
+    return read_corpus_rows(files, limit, skip_bad_rows=skip_bad_rows).texts
 
 
 class _EpochPerm:
@@ -129,6 +108,14 @@ class TrainArgs:
     progress: bool = True
     visual: str = "real"
     focus_words: str | None = None
+    head: str | None = None             # a text-only head folder (`xmodal xadapter head`) loaded before training
+    train_head: bool | None = None      # train the MLM head with the adapters (None: only when no --head is given)
+    image_root: str | None = None       # where paired image paths are relative to (None: each corpus file's folder)
+    paired_retrieved: bool = False      # paired rows also get their k retrieved images
+    skip_bad_rows: bool = False         # count and skip malformed corpus rows instead of stopping
+
+    def trains_head(self) -> bool:
+        return self.head is None if self.train_head is None else bool(self.train_head)
 
     def fingerprint(self) -> dict:
         """Everything a resumed run must share with the run that wrote the checkpoint."""
@@ -136,6 +123,7 @@ class TrainArgs:
         d["corpus"] = [str(Path(c).resolve()) for c in self.corpus]
         d["corpus_sha256"] = corpus_digest(self.corpus)
         d["bank_build"] = _bank_build_id(self.bank)
+        d["head_sha256"] = _head_id(self.head)
         return d
 
 
@@ -145,6 +133,16 @@ def _bank_build_id(bank: str | None) -> str | None:
         return None
     try:
         return json.loads((Path(bank) / "bank.json").read_text()).get("build_id")
+    except (OSError, ValueError):
+        return None
+
+
+def _head_id(head: str | None) -> str | None:
+    """The tensor digest a text-only head records (a rebuilt head is another base)."""
+    if not head:
+        return None
+    try:
+        return json.loads((Path(head) / "head.json").read_text()).get("tensor_sha256")
     except (OSError, ValueError):
         return None
 
@@ -162,8 +160,8 @@ def corpus_digest(files: list[str | Path]) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a training checkpoint without unpickling code: ``torch.load(weights_only=True)`` accepts only
+def load_checkpoint_file(path: Path, keys: set[str]) -> dict:
+    """Read a checkpoint without unpickling code: ``torch.load(weights_only=True)`` accepts only
     tensors and plain containers, so a crafted file cannot run anything."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -171,12 +169,16 @@ def load_checkpoint(path: Path) -> dict:
         raise InputError(f"{path} is not a readable X-adapter training checkpoint ({type(exc).__name__}); "
                          "it was refused without running any code in it",
                          hint=f"delete {path} to start the run afresh, or pass another --out") from None
-    keys = {"step", "args", "adapter", "head", "optimizer", "scheduler", "rng"}
     if not isinstance(ckpt, dict) or not keys <= set(ckpt):
         raise InputError(f"{path} is not an X-adapter training checkpoint (missing "
                          f"{sorted(keys - set(ckpt) if isinstance(ckpt, dict) else keys)})",
                          hint=f"delete {path} to start the run afresh, or pass another --out")
     return ckpt
+
+
+def load_checkpoint(path: Path) -> dict:
+    """An adaptation run's checkpoint (see ``load_checkpoint_file``)."""
+    return load_checkpoint_file(path, {"step", "args", "adapter", "head", "optimizer", "scheduler", "rng"})
 
 
 def _rng_state() -> dict:
@@ -256,14 +258,22 @@ class _Parts:
     plm_path: object
 
 
-def _build_model(args: TrainArgs, experts: tuple[str, ...], device, log) -> _Parts:
+def _build_model(args: TrainArgs, experts: tuple[str, ...], device, log, paired_only: bool = False) -> _Parts:
+    """``paired_only``: every corpus row brings its own image(s), so no retrieval bank is needed."""
     from ...backbones import load_backbone
 
     model, tokenizer, new_head, plm_path = load_mlm(args.plm)
     if tokenizer.mask_token_id is None:
         raise XmodalError(f"the tokenizer of {args.plm} has no mask token; MLM adaptation needs one")
+    if args.head:
+        from .head import load_head
+
+        loaded = load_head(model, args.head)
+        log(f"text-only base head loaded from {args.head} ({len(loaded)} tensors)"
+            + ("" if args.trains_head() else "; it stays frozen"))
     backbone_spec = args.backbone
-    needs_bank = "v" in experts and args.visual != "zero"
+    needs_bank = ("v" in experts and args.visual != "zero"
+                  and (not paired_only or args.paired_retrieved or bool(args.bank)))
     if needs_bank:
         if not args.bank:
             raise XmodalError("the V-expert needs a retrieval bank: pass --bank DIR (build one with "
@@ -280,10 +290,17 @@ def _build_model(args: TrainArgs, experts: tuple[str, ...], device, log) -> _Par
         mask_ratio=args.mask_ratio, dropout=args.dropout)
     stack = add_xadapter(model, cfg)
     if new_head:
-        mark_new_head(model, new_head)
+        mark_new_head(model, new_head)   # saved with the adapter either way, so the folder is self-contained
+        if not args.trains_head():
+            named = dict(model.named_parameters())
+            for n in new_head:
+                named[n].requires_grad_(False)
     counts = count_parameters(model)
-    head_note = (f"{args.plm} ships without an MLM head: a fresh one ({counts['new_head']:,} params, decoder tied to "
-                 "the frozen word embeddings) is created and trained with the adapters") if new_head else None
+    head_note = None
+    if new_head and args.head is None:
+        head_note = (f"{args.plm} ships without an MLM head: a fresh one ({counts['new_head']:,} params, decoder tied "
+                     "to the frozen word embeddings) is created and trained with the adapters (build a text-only "
+                     "base first with `xmodal xadapter head` and pass --head to train the adapters alone)")
     if head_note:
         log(head_note)
     log(f"trainable params: {counts['trainable']:,} = {counts['trainable_pct_of_plm']:.2f}% of the PLM's "
@@ -293,11 +310,28 @@ def _build_model(args: TrainArgs, experts: tuple[str, ...], device, log) -> _Par
     return _Parts(model, tokenizer, backbone, backbone_spec, bank, cfg, counts, new_head, head_note, plm_path)
 
 
+def _embed_paired(corpus: Corpus, parts: _Parts, log, progress: bool):
+    """Embed the corpus's paired images once (bank rows reused when the bank holds the same files)."""
+    from ..retrieval.paired import PairedImages
+
+    paths = sorted({p for r in corpus.rows for p in r.images})
+    step = max(1, len(paths) // 10)
+
+    def report(done: int, total: int) -> None:
+        if progress and (done % step < 64 or done == total):
+            log(f"paired images: embedded {done}/{total}")
+
+    paired = PairedImages.embed(paths, parts.backbone, parts.bank, progress=report)
+    log(f"paired images: {len(paths)} distinct ({paired.from_bank} taken from the bank), "
+        f"{sum(1 for r in corpus.rows if r.images)} of {len(corpus.rows)} rows paired")
+    return paired
+
+
 def _optimizer(model, args: TrainArgs):
     """AdamW (weight decay on matrices only) + linear warm-up / decay over the adapter (+ new head) parameters."""
     from transformers import get_linear_schedule_with_warmup
 
-    params = adapter_parameters(model)
+    params = [p for p in adapter_parameters(model) if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -377,6 +411,11 @@ def _masked_batch(texts, perm: _EpochPerm, step: int, args: TrainArgs, tokenizer
     return enc, ids, labels, n_targets
 
 
+def _local_rows(perm: _EpochPerm, step: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Corpus rows of this process's share of step ``step`` (the rows ``_masked_batch`` keeps)."""
+    return perm.rows(step, batch_size, rank, world)
+
+
 def _loss(model, batch: dict, labels: torch.Tensor, n_targets: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (loss to backpropagate, this process's summed target loss).
 
@@ -385,7 +424,8 @@ def _loss(model, batch: dict, labels: torch.Tensor, n_targets: int, world: int) 
     gradient equals the one-process gradient of the global batch.
     """
     if world == 1:
-        loss = model(**batch, labels=labels).loss
+        logits = masked_lm_logits(model, batch, labels)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels[labels != -100])
         return loss, loss.detach()
     logits = model(**batch).logits
     total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
@@ -412,13 +452,22 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     device = accelerator.device
-    parts = _build_model(args, experts, device, log)
-    texts = read_corpus(args.corpus, args.max_texts)
+    corpus = read_corpus_rows(args.corpus, args.max_texts, image_root=args.image_root,
+                              skip_bad_rows=args.skip_bad_rows)
+    if corpus.skipped:
+        log(f"skipped {corpus.skipped} malformed corpus rows (--skip-bad-rows)")
+    texts = corpus.texts
+    paired_only = corpus.paired and all(r.images for r in corpus.rows)
+    parts = _build_model(args, experts, device, log, paired_only=paired_only)
     params, optimizer, scheduler = _optimizer(parts.model, args)
     model, optimizer = accelerator.prepare(parts.model, optimizer)
     base = unwrap(model)
     stack = get_xadapter(base)
-    builder = ContextBuilder(stack.config, parts.backbone, parts.bank, device=device, visual=args.visual)
+    paired = None
+    if corpus.paired and "v" in experts:
+        paired = _embed_paired(corpus, parts, log, args.progress)
+    builder = ContextBuilder(stack.config, parts.backbone, parts.bank, device=device, visual=args.visual,
+                             paired=paired, paired_retrieved=args.paired_retrieved, cache_queries=True)
     focus_ids = _focus_ids(args.focus_words, parts.tokenizer)
     start_step = 0
     if checkpoint is not None:
@@ -446,7 +495,12 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
             torch.manual_seed(args.seed * 1_000_003 + step * 7919 + rank)   # dropout
             enc, ids, labels, n_targets = _masked_batch(texts, perm, step, args, parts.tokenizer, rank, world,
                                                         focus_ids)
-            ctx = builder.build(visible_texts(ids, enc["attention_mask"], parts.tokenizer), experts)
+            seen = visible_texts(ids, enc["attention_mask"], parts.tokenizer)
+            if paired is None:
+                ctx = builder.build(seen, experts)
+            else:
+                rows = _local_rows(perm, step, args.batch_size, rank, world)
+                ctx = builder.build(seen, experts, images=[corpus.rows[i].images for i in rows])
             batch = {k: v.to(device) for k, v in enc.items()}
             batch["input_ids"] = ids.to(device)
             with stack.context(ctx):
@@ -484,7 +538,8 @@ def _finish(args: TrainArgs, parts: _Parts, base, accelerator, out: Path, step: 
         "stand_in_backbone": bool(getattr(parts.backbone, "is_stand_in", False)), "bank": args.bank,
         "experts": list(stack.config.experts), "layers": stack.config.layers,
         "feature_source": parts.config.feature_source, "k": parts.config.k, "visual": args.visual,
-        "focus_words": args.focus_words, "processes": accelerator.num_processes,
+        "focus_words": args.focus_words, "head": args.head, "head_trained": args.trains_head(),
+        "paired_retrieved": args.paired_retrieved, "processes": accelerator.num_processes,
         "global_batch": args.batch_size * accelerator.num_processes, "steps_done": step, "steps": args.steps,
         "finished": finished, "resumed_from": start_step, "params": parts.counts, "new_mlm_head": bool(parts.new_head),
         "new_head_note": parts.head_note, "first_loss": losses[0] if losses else None,
@@ -494,7 +549,7 @@ def _finish(args: TrainArgs, parts: _Parts, base, accelerator, out: Path, step: 
     if accelerator.is_main_process:
         if finished:
             save_xadapter(base, out / ADAPTER_SUBDIR, extra={"training": {k: summary[k] for k in (
-                "plm", "backbone", "bank", "steps", "feature_source", "k", "visual")}})
+                "plm", "backbone", "bank", "steps", "feature_source", "k", "visual", "head", "head_trained")}})
             summary["xadapter"] = str(out / ADAPTER_SUBDIR)
         _atomic_write_bytes(out / SUMMARY_NAME, json.dumps(summary, indent=2).encode())
     accelerator.wait_for_everyone()
