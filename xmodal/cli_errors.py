@@ -27,6 +27,7 @@ from typer._click import exceptions as click_exceptions  # typer vendors click: 
 from typer.core import TyperGroup
 
 from .errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_INTERNAL, EXIT_USAGE, XmodalError
+from .extras import from_import_error
 
 EXIT_INTERRUPTED = 130
 DEBUG_FLAG = "--debug"
@@ -135,6 +136,8 @@ def _classify(exc: BaseException, options: Iterable[str] | None) -> ErrorReport:
     if isinstance(exc, (KeyboardInterrupt, typer_exceptions.Abort)):
         return ErrorReport("interrupted", "Interrupted",
                            "rerun the same command: finished work is kept and it resumes", EXIT_INTERRUPTED)
+    if isinstance(exc, ImportError) and (missing := from_import_error(exc, "this command")) is not None:
+        return ErrorReport(str(missing), type(missing).__name__, missing.hint, missing.exit_code)
     if isinstance(exc, MemoryError):
         return ErrorReport("out of memory", name, "lower --batch-size or use a machine with more memory",
                            EXIT_ENVIRONMENT)

@@ -12,6 +12,9 @@ __all__ = ["create_app", "ServeSettings"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
+        from ..extras import require_extra
+
+        require_extra("serve", f"xmodal.serve.{name}")
         from . import app
 
         return getattr(app, name)

@@ -18,6 +18,7 @@ import typer
 
 from ..cli_util import resolve_device
 from ..errors import InputError, ResourceError, UsageError
+from ..extras import require_extra
 
 TOKEN_ENV = "XMODAL_API_TOKEN"
 MIN_TOKEN_CHARS = 16
@@ -99,6 +100,7 @@ def serve_command(
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log one line per request."),
 ) -> None:
     """Serve a saved classifier over HTTP: POST /v1/classify, GET /v1/model, /healthz, /docs, and a web page at /."""
+    require_extra("serve", "xmodal serve")
     import uvicorn
 
     from ..classifier import FewShotClassifier
