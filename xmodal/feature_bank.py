@@ -173,7 +173,10 @@ class FeatureBank:
             support = self._plain_rows("train", split.support)
         else:
             support = self.plain("train").subset(support_ids)
-        val_split = self._split_holding(split.val, ("val", "train")) if split.val else "train"
+        if not split.val:  # no validation set (the caller cross-validates over the support): nothing to extract
+            return support, FeatureSet(features=support.features[:0], labels=support.labels[:0], ids=[],
+                                       classnames=support.classnames, meta=dict(support.meta))
+        val_split = self._split_holding(split.val, ("val", "train"))
         val = _without_views(self._plain_rows(val_split, split.val))
         return support, val
 

@@ -20,6 +20,7 @@ import torch
 
 from ..features import DEFAULT_CACHE_DIR  # XMODAL_CACHE or .xmodal-cache, like the feature cache
 from ..errors import CacheMismatchError, CorruptImageError, InputError, UsageError, XmodalError
+from .abstain import DEFAULT_TARGET_ACCURACY, UNKNOWN, check_min_score, suggest_min_score
 from .artefact import FORMAT, FORMAT_VERSION, read_artefact, write_artefact
 from .inputs import item_name, normalise_inputs, to_pil
 
@@ -58,7 +59,7 @@ class FewShotClassifier:
     def __init__(self, backbone: str = DEFAULT_BACKBONE, method: str = "xmadapter", shots: int | None = None,
                  seed: int = 0, *, cache_dir: str | Path = DEFAULT_CACHE_DIR, device: str = "auto",
                  augment_views: int = 10, batch_size: int = 64, num_workers: int = 0, progress: bool = False,
-                 **method_params: Any) -> None:
+                 abstain_target: float = DEFAULT_TARGET_ACCURACY, **method_params: Any) -> None:
         self.backbone = backbone
         self.method = method
         self.shots = shots
@@ -69,12 +70,14 @@ class FewShotClassifier:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress
+        self.abstain_target = abstain_target
         self.method_params = method_params
 
     def get_params(self) -> dict[str, Any]:
         return {"backbone": self.backbone, "method": self.method, "shots": self.shots, "seed": self.seed,
                 "cache_dir": str(self.cache_dir), "device": self.device, "augment_views": self.augment_views,
-                "batch_size": self.batch_size, "num_workers": self.num_workers, **self.method_params}
+                "batch_size": self.batch_size, "num_workers": self.num_workers,
+                "abstain_target": self.abstain_target, **self.method_params}
 
     # ------------------------------------------------------------------------------------------ fit
 
@@ -96,43 +99,73 @@ class FewShotClassifier:
             raise UsageError(f"shots must be a positive integer or None (all training images), got {self.shots!r}",
                              hint="use --shots 1 or more, or leave it out to use every training image")
         start = time.perf_counter()
+        target = float(self.abstain_target)
+        if not 0.0 < target <= 1.0:
+            raise UsageError(f"abstain_target must lie in (0, 1], got {self.abstain_target!r}",
+                             hint="e.g. abstain_target=0.95 (the accuracy the suggested min_score aims at)")
+        # the dataset is listed and split before any model is loaded: a dataset error comes at once
         dataset, data_spec = _dataset(data)
+        split = (full_split(dataset, self.seed) if self.shots is None
+                 else fewshot_split(dataset, self.shots, self.seed, if_no_val="empty"))
+        if not split.val:  # cross-validation over the support needs 2 distinct images per class
+            from .crossfit import folds_for
+
+            folds_for([s.id for s in split.support], [s.label for s in split.support], list(dataset.classnames))
         device = _resolve_device(self.device)
         bb = load_backbone(self.backbone, device=device, cache_dir=str(self.cache_dir))
-        split = (full_split(dataset, self.seed) if self.shots is None
-                 else fewshot_split(dataset, self.shots, self.seed))
         bank = FeatureBank(bb, dataset, augment_views=self.augment_views, augment_scope="support",
                            cache_dir=str(self.cache_dir), device=device, batch_size=self.batch_size,
                            num_workers=self.num_workers, progress=self.progress)
-        support, val = bank.fit_sets(split)
         text = bank.text_classifier()
-        try:
-            method = create_method(self.method, seed=self.seed, device=device,
-                                   logit_scale=float(getattr(bb, "logit_scale", 100.0)), **self.method_params)
-        except TypeError as exc:
-            raise UsageError(f"bad parameter for method {self.method!r}: {exc}",
-                             hint="check the method's parameters in docs/fewshot.md") from None
-        torch.manual_seed(self.seed)  # as the harness does before every fit
-        method.fit(support, val, text.clone())
-        with torch.no_grad():
-            val_pred = method.predict(val.features.clone()).reshape(-1).cpu()
+
+        def make_method() -> Any:
+            try:
+                return create_method(self.method, seed=self.seed, device=device,
+                                     logit_scale=float(getattr(bb, "logit_scale", 100.0)), **self.method_params)
+            except TypeError as exc:
+                raise UsageError(f"bad parameter for method {self.method!r}: {exc}",
+                                 hint="check the method's parameters in docs/fewshot.md") from None
+
+        method = make_method()  # a bad parameter is reported before any feature is extracted
+        if split.val:
+            support, val = bank.fit_sets(split)
+            torch.manual_seed(self.seed)  # as the harness does before every fit
+            method.fit(support, val, text.clone())
+            with torch.no_grad():
+                held_probs = method.decision_scores(val.features.clone()).float().softmax(-1).cpu()
+            held_labels, n_held, selection = val.labels.cpu(), len(val), "validation set"
+        else:  # no image left for validation: k-fold cross-validation over the support images
+            from .crossfit import fit_crossfitted
+
+            support, _ = bank.fit_sets(split)
+            method, held_probs, held_labels = fit_crossfitted(make_method, support, text, self.seed)
+            n_held, selection = len(held_labels), method.selection
         self.method_ = method
         self.backbone_ = bb
         self.classes_ = list(dataset.classnames)
         self.templates_ = list(dataset.templates)
         self.selected_ = _jsonable(method.selected_)
-        self.val_accuracy_ = float((val_pred == val.labels).float().mean())
+        self.val_accuracy_ = float((held_probs.argmax(-1) == held_labels).float().mean())
         self.feature_dim_ = int(support.dim)
+        self.selection_ = selection
+        abstain = suggest_min_score(held_probs, held_labels, target)
         self.info_ = {
             "dataset": {"spec": data_spec, "name": str(getattr(dataset, "name", data_spec)),
-                        "shots": self.shots, "seed": int(self.seed), "val_rule": split.val_rule,
-                        "n_support": len(support), "n_val": len(val), "augment_views": int(self.augment_views),
+                        "shots": self.shots, "seed": int(self.seed), "selection": selection,
+                        "val_rule": split.val_rule if split.val else f"{selection}: each fold validates the member "
+                                                                         "fitted on the other folds",
+                        "n_support": len(support), "n_val": n_held, "augment_views": int(self.augment_views),
                         "augment_scope": "support" if self.augment_views > 0 else "none",
                         "support_ids_sha256": stable_hash(sorted(support.ids), 64),
-                        "val_ids_sha256": stable_hash(sorted(val.ids), 64)},
-            "validation": {"top1": self.val_accuracy_, "n": len(val),
-                           "note": "accuracy on the validation images the hyper-parameters were chosen on "
-                                   "(optimistic; not a test score)"},
+                        "val_ids_sha256": stable_hash(sorted(val.ids) if split.val else [], 64)},
+            "validation": {"top1": self.val_accuracy_, "n": n_held, "selection": selection,
+                           "note": ("accuracy on the validation images the hyper-parameters were chosen on "
+                                    "(optimistic; not a test score)") if split.val else
+                                   ("out-of-fold accuracy: each support image scored by the member that did not "
+                                    "train on it and chose its settings on it (optimistic; not a test score)")},
+            "abstain": {**abstain, "on": "validation images" if split.val else "out-of-fold support images",
+                        "rule": "lowest threshold on the top class probability whose accepted images reach "
+                                "target_accuracy"},
             "fit_seconds": round(time.perf_counter() - start, 3),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         }
@@ -193,10 +226,39 @@ class FewShotClassifier:
             rows.append(p.proba)
         return torch.stack(rows) if rows else torch.empty(0, len(self.classes_))
 
-    def predict(self, inputs: Any, batch_size: int | None = None) -> list[str]:
-        """The most probable class name of each input."""
+    def predict(self, inputs: Any, batch_size: int | None = None, min_score: float | str | None = None) -> list[str]:
+        """The most probable class name of each input; ``"unknown"`` where its probability is below
+        ``min_score`` (a number in [0, 1], or ``"auto"``: the threshold suggested at fit time)."""
+        threshold = self.resolve_min_score(min_score)
         proba = self.predict_proba(inputs, batch_size)
-        return [self.classes_[i] for i in proba.argmax(dim=1).tolist()]
+        return [self.label_of(p, threshold) for p in proba]
+
+    def label_of(self, proba: torch.Tensor, min_score: float | None = None) -> str:
+        """The class name of one probability row, or ``"unknown"`` when its top probability is below min_score."""
+        score, index = proba.max(dim=-1)
+        if min_score is not None and float(score) < min_score:
+            return UNKNOWN
+        return self.classes_[int(index)]
+
+    def resolve_min_score(self, min_score: float | str | None) -> float | None:
+        """None, a probability in [0, 1], or ``"auto"`` → the threshold chosen on held-out images at fit time."""
+        if isinstance(min_score, str):
+            if min_score.strip().lower() != "auto":
+                try:
+                    min_score = float(min_score)
+                except ValueError:
+                    raise UsageError(f"min_score must be a number between 0 and 1 or 'auto', got {min_score!r}",
+                                     hint="use e.g. --min-score 0.5 or --min-score auto") from None
+            else:
+                self._require_fitted()
+                saved = (self.info_.get("abstain") or {})
+                if saved.get("min_score") is None:
+                    raise UsageError("this classifier has no suggested min_score (none was chosen at fit time, or "
+                                     f"no threshold reached {saved.get('target_accuracy', 'the target')} accuracy on "
+                                     "its held-out images)", hint="give a number, e.g. --min-score 0.5, or refit "
+                                                                   "with a lower abstain target")
+                return float(saved["min_score"])
+        return check_min_score(min_score)
 
     def top_k(self, inputs: Any, k: int = 5, batch_size: int | None = None) -> list[list[tuple[str, float]]]:
         """The ``k`` most probable (class name, probability) pairs of each input, best first."""
@@ -245,13 +307,13 @@ class FewShotClassifier:
         """Load a saved classifier. The backbone (the saved spec, or ``backbone``: a spec or a loaded backbone)
         must have the fingerprint recorded at fit time; a mismatch is refused unless ``force=True``."""
         from ..backbones import load_backbone
-        from ..fewshot.base import FewShotMethod
+        from .crossfit import method_from_state
 
         tensors, doc = read_artefact(folder)
         try:
             saved_bb, method_doc, classes = doc["backbone"], doc["method"], doc["classes"]
             spec, fingerprint = str(saved_bb["spec"]), str(saved_bb["fingerprint"])
-            info = {k: doc[k] for k in ("dataset", "validation", "fit_seconds") if k in doc}
+            info = {k: doc[k] for k in ("dataset", "validation", "fit_seconds", "abstain") if k in doc}
             if not (isinstance(classes, list) and classes and isinstance(method_doc.get("state"), dict)
                     and isinstance(method_doc.get("params") or {}, dict) and isinstance(info.get("dataset", {}), dict)
                     and isinstance(info.get("validation", {}), dict)):
@@ -272,7 +334,7 @@ class FewShotClassifier:
                                                    "backbone, or pass force=True (xmodal predict --force) to use "
                                                    "it anyway (predictions are wrong if the embedding spaces differ)")
             warnings.warn(msg + "; loading anyway because force=True", stacklevel=2)
-        method = FewShotMethod.from_state(tensors, method_doc["state"], device=dev)
+        method = method_from_state(tensors, method_doc["state"], device=dev)
         clf = cls(backbone=spec, method=method_doc["name"], shots=info.get("dataset", {}).get("shots"),
                   seed=info.get("dataset", {}).get("seed", 0), cache_dir=cache_dir, device=device,
                   **(method_doc.get("params") or {}))
@@ -282,6 +344,7 @@ class FewShotClassifier:
         clf.selected_ = method_doc.get("selected") or {}
         clf.val_accuracy_ = (info.get("validation") or {}).get("top1")
         clf.feature_dim_ = int(doc.get("feature_dim") or 0)
+        clf.selection_ = str((info.get("validation") or {}).get("selection") or "validation set")
         clf.info_ = {**info, "created": doc.get("created")}
         clf.doc_ = doc
         _check_consistent(clf, bb, folder)
@@ -298,7 +361,8 @@ class FewShotClassifier:
                 "classes": list(self.classes_), "num_classes": len(self.classes_),
                 "validation_accuracy": self.val_accuracy_, "validation_note": "chosen on these images; optimistic",
                 "shots": ds.get("shots"), "seed": ds.get("seed"), "dataset": ds.get("spec"),
-                "selected": self.selected_, "created": self.info_.get("created"),
+                "selected": self.selected_, "selection": getattr(self, "selection_", "validation set"),
+                "abstain": self.info_.get("abstain"), "created": self.info_.get("created"),
                 "format_version": FORMAT_VERSION}
 
     def __repr__(self) -> str:

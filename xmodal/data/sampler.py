@@ -87,10 +87,21 @@ def check_shots(dataset: ImageDataset, shots: int | list[int]) -> dict[int, list
     return train
 
 
+def _support_only(train: dict[int, list[Sample]], shots: int, seed: int) -> list[Sample]:
+    """The support draw of ``fewshot_split`` alone (the same images for the same seed)."""
+    return [s for label in sorted(train) for s in _draw(train[label], shots, np.random.default_rng([seed, label]))]
+
+
 def fewshot_split(dataset: ImageDataset, shots: int, seed: int, val_per_class: int | None = None,
-                  test_split: str = "test") -> FewShotSplit:
+                  test_split: str = "test", if_no_val: str = "error") -> FewShotSplit:
     """K per class from train; val = min(K, 4) per class from the val split (CoOp's rule) or, when the
-    dataset has no val split, from the train images not chosen as support; test = the full test split."""
+    dataset has no val split, from the train images not chosen as support; test = the full test split.
+
+    ``if_no_val``: what to do when some class has no image left for validation — ``"error"`` (the harness:
+    a K-shot result needs a validation set) or ``"empty"`` (return ``val=[]`` for every class, so the caller
+    chooses hyper-parameters by cross-validation over the support images instead)."""
+    if if_no_val not in ("error", "empty"):
+        raise ValueError(f"if_no_val must be 'error' or 'empty', got {if_no_val!r}")
     _check_shots_value(shots)
     n_val = min(shots, 4) if val_per_class is None else val_per_class
     if n_val < 0:
@@ -113,6 +124,10 @@ def fewshot_split(dataset: ImageDataset, shots: int, seed: int, val_per_class: i
         else:
             taken = {s.id for s in chosen}
             pool = [s for s in train[label] if s.id not in taken]
+        if n_val and not pool and if_no_val == "empty":
+            return FewShotSplit(support=_support_only(train, shots, seed), val=[],
+                                test=dataset.samples(test_split) if test_split in dataset.splits() else [],
+                                shots=shots, seed=seed, val_rule="none: a class has no image left for validation")
         if n_val and not pool:
             where = "in the val split" if has_val else f"left in train after drawing {shots} support image(s)"
             raise DatasetError(f"{dataset.name}: no validation image for class {dataset.classnames[label]!r} "

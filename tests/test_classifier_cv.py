@@ -1,0 +1,122 @@
+"""K photos per class and no validation set: hyper-parameters chosen by k-fold CV over the support images.
+
+Conformance over the registry: every method is cross-fitted on a tiny synthetic task; a spy on ``fit`` proves
+that no member trains on the fold it chooses its settings on, and the members survive save/load. The
+classifier path uses all K images of a real (tiny) ImageFolder, and a dataset error arrives before any
+backbone is built.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from xmodal import FewShotClassifier, available_methods
+from xmodal.classifier.crossfit import (CrossFitted, fit_crossfitted, method_from_state, n_folds,
+                                        stratified_folds)
+from xmodal.errors import DatasetError
+from xmodal.fewshot import create_method
+from xmodal.fewshot._synthetic import make_task
+
+FAST = {"tip-adapter-f": {"epochs": 3}, "xmadapter": {"epochs": 3}, "clip-adapter": {"epochs": 3},
+        "ape-t": {"epochs": 3}, "lp++": {"epochs": 20}}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task(num_classes=3, dim=16, shots=4, val_per_class=2, test_per_class=10, views=2, seed=5)
+
+
+def test_folds_are_stratified_disjoint_and_cover_every_image(task):
+    support = task[0]
+    k = n_folds(support)
+    folds = stratified_folds(support, k, seed=0)
+    assert k == 4 and len(folds) == 4
+    flat = [i for f in folds for i in f]
+    assert sorted(flat) == sorted(set(support.ids)) and len(flat) == len(set(flat))
+    label = dict(zip(support.ids, support.labels.tolist()))
+    for fold in folds:  # 4 images of each of 3 classes dealt into 4 folds: one of each class per fold
+        assert sorted(label[i] for i in fold) == [0, 1, 2]
+    assert stratified_folds(support, k, seed=0) == folds and stratified_folds(support, k, seed=1) != folds
+
+
+def test_one_image_in_a_class_is_a_clear_error(task):
+    support = task[0].subset([task[0].ids[0], *task[0].ids[4:]])  # class 0 keeps one image
+    with pytest.raises(DatasetError, match="class 'class0' has 1 distinct training image") as err:
+        n_folds(support)
+    assert "add images" in err.value.hint
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_every_method_cross_fits_without_training_on_its_validation_fold(name, task, one_thread, monkeypatch):
+    support, _, test, text = task
+    seen: list[tuple[set, set]] = []
+    klass = type(create_method(name))
+    original = klass.fit
+
+    def spy(self, train, val, text_classifier):
+        seen.append((set(train.ids), set(val.ids)))
+        assert val.views is None  # validation images are scored as they are, like a real val set
+        return original(self, train, val, text_classifier)
+
+    monkeypatch.setattr(klass, "fit", spy)
+    members, oof_probs, oof_labels = fit_crossfitted(lambda: create_method(name, seed=0, **FAST.get(name, {})),
+                                                     support, text, seed=0)
+    monkeypatch.undo()
+    folds = members.folds
+    outer = seen
+    assert len(outer) == len(folds) == len(members.members)
+    for (train_ids, val_ids), fold in zip(outer, folds):
+        assert val_ids == set(fold) and not train_ids & val_ids
+        assert train_ids | val_ids == set(support.ids)
+    assert oof_probs.shape == (len(set(support.ids)), 3) and torch.allclose(oof_probs.sum(1), torch.ones(12))
+    assert members.selected_["selection"] == "k-fold CV over support, k=4"
+    assert len(members.selected_["per_fold"]) == 4
+    # the classifier is the members' mean probability; it survives save/load (JSON + tensors) exactly
+    scores = members.decision_scores(test.features)
+    mean = torch.stack([m.decision_scores(test.features).softmax(-1) for m in members.members]).mean(0)
+    assert torch.allclose(scores.softmax(-1), mean, atol=1e-6)
+    tensors, meta = members.get_state()
+    loaded = method_from_state(dict(tensors), json.loads(json.dumps(meta, allow_nan=False)))
+    assert isinstance(loaded, CrossFitted) and loaded.name == name
+    assert float((loaded.decision_scores(test.features) - scores).abs().max()) <= 1e-6
+
+
+def test_k_images_per_class_and_no_val_folder_uses_all_k(tmp_path, one_thread):
+    from xmodal.bench.testing import make_tiny_imagefolder
+
+    root = make_tiny_imagefolder(tmp_path / "imgs", classes=3, train=4, test=3)
+    cache = tmp_path / "cache"
+    clf = FewShotClassifier(backbone="tiny:clip", method="tip-adapter", shots=4, seed=0, cache_dir=cache,
+                            device="cpu", augment_views=2).fit(root)
+    assert clf.selection_ == "k-fold CV over support, k=4" == clf.card()["selection"]
+    ds = clf.info_["dataset"]
+    assert ds["n_support"] == 12 and ds["n_val"] == 12 and ds["selection"] == clf.selection_
+    assert clf.info_["validation"]["n"] == 12 and 0.0 <= clf.val_accuracy_ <= 1.0
+    loaded = FewShotClassifier.load(clf.save(tmp_path / "m"), device="cpu", cache_dir=cache)
+    x = str(root / "test")
+    assert float((loaded.predict_proba(x) - clf.predict_proba(x)).abs().max()) <= 1e-6
+    assert loaded.selection_ == clf.selection_ and loaded.card()["selection"] == clf.selection_
+    # with a val/ folder the validation set is used, as before
+    root2 = make_tiny_imagefolder(tmp_path / "imgs2", classes=3, train=4, test=3, val=2)
+    clf2 = FewShotClassifier(backbone="tiny:clip", method="tip-adapter", shots=4, seed=0, cache_dir=cache,
+                             device="cpu", augment_views=0).fit(root2)
+    assert clf2.selection_ == "validation set" and clf2.info_["dataset"]["n_val"] == 6
+
+
+def test_dataset_errors_come_before_any_backbone_is_built(tmp_path, monkeypatch):
+    import xmodal.backbones as backbones
+    from xmodal.bench.testing import make_tiny_imagefolder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backbone factory was called before the dataset was checked")
+
+    monkeypatch.setattr(backbones, "load_backbone", refuse)
+    with pytest.raises(DatasetError, match="does not exist"):
+        FewShotClassifier(backbone="tiny:clip", method="tip-adapter", shots=4).fit(f"imagefolder:{tmp_path}/nope")
+    root = make_tiny_imagefolder(tmp_path / "one", classes=2, train=1, test=1)
+    with pytest.raises(DatasetError, match="1 distinct training image|1 training image"):
+        FewShotClassifier(backbone="tiny:clip", method="tip-adapter", shots=1).fit(root)
+    with pytest.raises(Exception, match="no class has 5 training images"):
+        FewShotClassifier(backbone="tiny:clip", method="tip-adapter", shots=5).fit(root)
