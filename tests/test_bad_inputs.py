@@ -603,10 +603,21 @@ def _images_with_one_corrupt(e: Env, t: Path) -> Path:
     return dst
 
 
+def _assert_rows(res, rows: int, errors: int, skipped: int) -> list[dict]:
+    doc = json.loads(res.stdout)
+    bad = [r for r in doc["rows"] if r.get("error")]
+    assert len(doc["rows"]) == rows and len(bad) == errors and doc["n_skipped"] == skipped, doc
+    return bad
+
+
 def _check_error_row(e, t, res):
-    rows = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
-    errors = [r for r in rows if r.get("error")]
-    assert len(rows) == 9 and len(errors) == 1 and "img000" in errors[0]["path"], rows
+    bad = _assert_rows(res, rows=9, errors=1, skipped=0)
+    assert "img000" in bad[0]["path"], bad
+
+
+def _check_missing_row(e, t, res):
+    bad = _assert_rows(res, rows=10, errors=1, skipped=0)
+    assert bad[0]["path"].endswith("nothere") and "no such file" in bad[0]["error"], bad
 
 
 def _sigkill_then_resume(e: Env, t: Path) -> list[str]:
@@ -860,11 +871,20 @@ CASES: list[Case] = [
     Case("predict-config-not-json", ["predict"],
          _predict(_model_copy(lambda d: (d / "xmodal_classifier.json").write_text("{"))), 3, "not valid JSON",
          clf=True),
-    Case("predict-path-missing", ["predict"], _predict(lambda e, t: e.classifier, images=lambda e, t: t / "nothere"),
-         3, "nothere", clf=True),
+    Case("predict-path-missing", ["predict"],
+         lambda e, t: _predict(lambda e, t: e.classifier, "--json", images=lambda e, t: t / "nothere")(e, t)
+         + [str(e.folder / "test")], 3, "1 of 10 input.* could not be classified", as_json=True,
+         check=_check_missing_row, clf=True),
+    Case("predict-path-missing-skip-corrupt", ["predict"],
+         lambda e, t: _predict(lambda e, t: e.classifier, "--json", "--skip-corrupt",
+                               images=lambda e, t: t / "nothere")(e, t) + [str(e.folder / "test")], 0,
+         check=lambda e, t, res: _assert_rows(res, rows=9, errors=0, skipped=1), clf=True),
     Case("predict-corrupt-image-error-row", ["predict"],
-         _predict(lambda e, t: e.classifier, "--format", "jsonl", images=_images_with_one_corrupt), 0,
-         check=_check_error_row, clf=True),
+         _predict(lambda e, t: e.classifier, "--json", images=_images_with_one_corrupt), 3,
+         "could not be classified", as_json=True, check=_check_error_row, clf=True),
+    Case("predict-corrupt-image-skip-corrupt", ["predict"],
+         _predict(lambda e, t: e.classifier, "--json", "--skip-corrupt", images=_images_with_one_corrupt), 0,
+         check=lambda e, t, res: _assert_rows(res, rows=8, errors=0, skipped=1), clf=True),
     Case("fill-mask-no-mask", ["fill-mask"],
          lambda e, t: ["fill-mask", "the sky is blue.", "--plm", str(e.plm), "--device", "cpu"], 3, r"no \[MASK\]",
          xa=True),

@@ -48,7 +48,7 @@ def test_predict_jsonl_rows_with_an_error_row(model, tmp_path):
     args = ["predict", str(base / "model"), str(root / "test" / "class1"), str(bad), "--format", "jsonl",
             "--top-k", "2", "--batch-size", "3", "--cache-dir", str(base / "cache"), "--device", "cpu"]
     res = _run(args)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 3, res.output  # every image has its row, and the exit code says one failed
     rows = _jsonl(res.stdout)
     assert len(rows) == 5 and res.stdout.count("\n") == 5           # one line per image, nothing else
     good, err = rows[:4], rows[4]
@@ -56,8 +56,27 @@ def test_predict_jsonl_rows_with_an_error_row(model, tmp_path):
         assert set(r) == {"path", "label", "score", "top_k"} and len(r["top_k"]) == 2
         assert r["label"] == r["top_k"][0]["label"] and r["score"] == r["top_k"][0]["score"]
     assert err["path"] == str(bad) and "broken.png" in err["error"]
-    skipped = _jsonl(_run(args + ["--skip-corrupt"]).stdout)
-    assert [r["path"] for r in skipped] == [r["path"] for r in good]
+    res = _run(args + ["--skip-corrupt"])
+    assert res.exit_code == 0, res.output
+    assert [r["path"] for r in _jsonl(res.stdout)] == [r["path"] for r in good]
+
+
+def test_predict_goes_on_past_a_missing_path_and_exits_3(model, tmp_path):
+    base, root, _ = model
+    common = ["--cache-dir", str(base / "cache"), "--device", "cpu"]
+    gone = tmp_path / "gone.png"
+    args = ["predict", str(base / "model"), str(gone), str(root / "test" / "class0"), *common]
+    res = _run(args + ["--format", "jsonl"])
+    rows = _jsonl(res.stdout)
+    assert res.exit_code == 3 and len(rows) == 5, res.output
+    assert rows[0]["path"] == str(gone) and "no such file" in rows[0]["error"]
+    assert all("label" in r for r in rows[1:])
+    assert "1 of 5 input(s) could not be classified" in res.stderr and "--skip-corrupt" in res.stderr
+    doc = json.loads(_run(args + ["--json"]).stdout)  # still one document, which says why the exit code is 3
+    assert doc["exit_code"] == 3 and doc["n_errors"] == 1 and len(doc["rows"]) == 5 and doc["hint"]
+    res = _run(args + ["--skip-corrupt", "--json"])
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 0 and doc["n_skipped"] == 1 and len(doc["rows"]) == 4 and "error" not in doc
 
 
 def test_predict_glob_csv_table_and_json(model):
@@ -80,7 +99,7 @@ def test_predict_errors_follow_the_contract(model, tmp_path):
     res = _run(["predict", str(base / "model"), str(root / "test"), "--format", "xml", "--json"])
     assert res.exit_code == 2 and "--format" in json.loads(res.stdout)["error"]
     res = _run(["predict", str(base / "model"), str(tmp_path / "nothing-here.png"), "--json"])
-    assert res.exit_code == 3 and "no such file" in json.loads(res.stdout)["error"]
+    assert res.exit_code == 3 and "no such file" in json.loads(res.stdout)["rows"][0]["error"]
     res = _run(["fit", "--data", str(root), "--backbone", "tiny:clip", "--method", "nope", "--out",
                 str(tmp_path / "m"), "--json"])
     assert res.exit_code == 2 and "unknown few-shot method" in json.loads(res.stdout)["error"]

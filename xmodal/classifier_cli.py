@@ -14,8 +14,9 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_util import DEFAULT_BACKBONE, emit_json
-from .errors import UsageError
+from .cli_util import DEFAULT_BACKBONE, cache_dir_option, emit_json
+from .errors import EXIT_INPUT, InputError, UsageError
+from .jsonio import dumps
 
 FORMATS = ("table", "jsonl", "csv")
 
@@ -44,7 +45,7 @@ def fit_command(
     out: Path = typer.Option(..., "--out", help="folder to save the classifier to (written atomically)"),
     param: list[str] = typer.Option([], "--param", help="method parameter key=value (repeatable), e.g. epochs=10"),
     augment_views: int = typer.Option(10, "--augment-views", min=0, help="augmented views per support image"),
-    cache_dir: str = typer.Option(".xmodal-cache", "--cache-dir", help="feature cache folder"),
+    cache_dir: str = cache_dir_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per forward pass"),
     num_workers: int = typer.Option(0, "--num-workers", min=0, help="data-loader worker processes"),
@@ -95,7 +96,7 @@ class _Writer:
 
     def row(self, row: dict[str, Any]) -> None:
         if self.fmt == "jsonl":
-            sys.stdout.write(json.dumps(row) + "\n")
+            sys.stdout.write(dumps(row) + "\n")
         elif self.csv is not None:
             top = ";".join(f"{t['label']}:{t['score']:.6f}" for t in row.get("top_k", []))
             self.csv.writerow([row["path"], row.get("label", ""),
@@ -114,31 +115,44 @@ def predict_command(
     top_k: int = typer.Option(5, "--top-k", min=1, help="classes listed per image"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per forward pass"),
     fmt: str = typer.Option("table", "--format", help="table, jsonl or csv (one row per image, streamed)"),
-    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="leave unreadable images out instead of "
-                                                                    "writing an error row"),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="leave unreadable images and missing paths out "
+                                                                    "(exit 0) instead of writing an error row for "
+                                                                    "each and exiting 3"),
     evaluate: bool = typer.Option(False, "--eval", help="score against the parent folder names (ImageFolder "
                                                         "split) and write a confusion-matrix PNG"),
     confusion: Path = typer.Option(Path("confusion_matrix.png"), "--confusion", help="where --eval writes the PNG"),
-    cache_dir: str = typer.Option(".xmodal-cache", "--cache-dir", help="cache folder (backbone files)"),
+    cache_dir: str = cache_dir_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     force: bool = typer.Option(False, "--force", help="load even if the backbone's fingerprint differs"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON document with every row (not streamed)"),
 ) -> None:
-    """Classify images with a saved classifier, one row per image as it goes."""
+    """Classify images with a saved classifier, one row per image as it goes.
+
+    A missing path or an unreadable image is an error row and the run goes on; the exit code is then 3
+    (0 with --skip-corrupt, which leaves them out), so a script can tell a complete run from a partial one.
+    """
     from .classifier import FewShotClassifier
     from .classifier.inputs import expand_paths
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}", hint=f"use one of: {', '.join(FORMATS)}")
-    files = expand_paths(paths)
+    missing: list[tuple[str, str]] = []
+    files = expand_paths(paths, missing=missing)
     clf = FewShotClassifier.load(model, device=device, cache_dir=cache_dir, force=force)
     card = clf.card()
     err = typer.get_text_stream("stderr")
     err.write(f"{card['method']} on {card['backbone_name']}, {card['num_classes']} classes; {len(files)} image(s)\n")
-    writer = _Writer(fmt, min(max(len(f) for f in files), 60), top_k)
+    writer = _Writer(fmt, min(max(len(f) for f in [*files, *(m for m, _ in missing)]), 60), top_k)
     if not as_json:
         writer.header()
     rows: list[dict[str, Any]] = []
+    for path, message in missing:  # reported first, then the images found
+        if skip_corrupt:
+            err.write(f"warning: skipped {message}\n")
+        elif as_json:
+            rows.append({"path": path, "error": message})
+        else:
+            writer.row({"path": path, "error": message})
     truth: list[int] = []
     preds: list[int] = []
     unknown = n_errors = n_rows = 0
@@ -170,15 +184,27 @@ def predict_command(
         else:
             writer.row(row)
     bar.close()
+    n_missing = len(missing)
+    n_inputs = len(files) + n_missing
+    n_failed = 0 if skip_corrupt else n_errors + n_missing
+    n_skipped = len(files) - n_rows + (n_missing if skip_corrupt else 0)
     summary: dict[str, Any] = {"model": str(model), "method": card["method"], "backbone": card["backbone"],
-                               "stand_in": card["stand_in"], "n_inputs": len(files)}
+                               "stand_in": card["stand_in"], "n_inputs": n_inputs}
     if evaluate:
         summary["eval"] = _evaluate(truth, preds, clf.classes_, unknown, confusion)
+    failed = (f"{n_failed} of {n_inputs} input(s) could not be classified (error rows: "
+              f"{n_missing} missing path(s), {n_errors} unreadable image(s))")
+    fix = "fix or remove those inputs, or pass --skip-corrupt to leave them out (exit 0)"
     if as_json:
-        emit_json({**summary, "n_errors": n_errors, "n_skipped": len(files) - n_rows, "rows": rows})
+        doc = {**summary, "n_errors": n_failed, "n_skipped": n_skipped, "rows": rows}
+        if n_failed:  # still one document on stdout: the rows, plus why the exit code is not 0
+            doc.update(error=failed, type="InputError", hint=fix, exit_code=EXIT_INPUT)
+        emit_json(doc)
+        if n_failed:
+            raise typer.Exit(EXIT_INPUT)
         return
-    bad = f"{len(files) - n_rows} unreadable skipped" if skip_corrupt else f"{n_errors} unreadable (error rows)"
-    err.write(f"{n_rows - n_errors} of {len(files)} image(s) classified; {bad}\n")
+    bad = f"{n_skipped} unreadable or missing skipped" if skip_corrupt else f"{n_failed} failed (error rows)"
+    err.write(f"{n_rows - n_errors} of {n_inputs} input(s) classified; {bad}\n")
     if evaluate:
         ev = summary["eval"]
         line = (f"top-1 {ev['top1']:.2f}% ({ev['n_correct']}/{ev['n']} images whose parent folder is a class"
@@ -187,6 +213,8 @@ def predict_command(
             typer.echo(line)
         else:
             err.write(line + "\n")
+    if n_failed:
+        raise InputError(failed, hint=fix)
 
 
 def _evaluate(truth: list[int], preds: list[int], classes: list[str], unknown: int, png: Path) -> dict[str, Any]:

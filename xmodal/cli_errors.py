@@ -12,7 +12,6 @@ A traceback is printed only with ``--debug`` (anywhere on the command line) or `
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import sys
@@ -28,6 +27,7 @@ from typer.core import TyperGroup
 
 from .errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_INTERNAL, EXIT_USAGE, XmodalError
 from .extras import from_import_error
+from .jsonio import dumps
 
 EXIT_INTERRUPTED = 130
 DEBUG_FLAG = "--debug"
@@ -44,6 +44,7 @@ _DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceede
 _OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 _FOLDER_OPTIONS = ("--cache-dir", "--out")
 _OTHER_COMMAND = re.compile(r"`xmodal [^`]*`")
+_QUOTED = re.compile(r"`[^`]*`|(?<!\w)'[^']*'(?!\w)|\"[^\"]*\"")  # code or commands inside a hint: kept whole
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,28 @@ def _is_device_error(exc: BaseException) -> bool:
 
 
 def _drop_unknown_options(hint: str, options: Iterable[str] | None) -> str:
-    """Remove the clauses of a hint that suggest options this command does not have."""
+    """Remove the clauses of a hint that suggest options this command does not have.
+
+    Quoted text (a shell command, Python code) is never split or rewritten, and a hint whose clauses all
+    apply is returned unchanged, so a suggested command can still be copied and run as printed.
+    """
     if options is None or not hint:
         return hint
     known = set(options) | {"--help", "--debug"}
-    clauses = re.split(r"(?:,? or |; )", hint)
+    quoted: list[str] = []
+
+    def hide(m: re.Match[str]) -> str:
+        quoted.append(m.group(0))
+        return f"\0{len(quoted) - 1}\0"
+
+    def unhide(text: str) -> str:
+        return re.sub(r"\0(\d+)\0", lambda m: quoted[int(m.group(1))], text)
+
+    clauses = [unhide(c) for c in re.split(r"(?:,? or |; )", _QUOTED.sub(hide, hint))]
     # options inside a quoted `xmodal <other command> ...` belong to that command, not to this one
     kept = [c for c in clauses if set(_OPTION.findall(_OTHER_COMMAND.sub("", c))) <= known]
+    if len(kept) == len(clauses):
+        return hint
     return " or ".join(kept) if kept else "check the inputs named in the message"
 
 
@@ -179,7 +195,7 @@ def report(exc: BaseException, as_json: bool, debug: bool, options: Iterable[str
     if debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     if as_json:
-        sys.stdout.write(json.dumps(rep.as_dict()) + "\n")
+        sys.stdout.write(dumps(rep.as_dict()) + "\n")
         sys.stdout.flush()
     else:
         typer.secho(rep.as_line(), fg="red", err=True)

@@ -1,11 +1,11 @@
 """Small pieces every command module shares: the default backbone, device resolution, JSON output."""
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
 from .errors import ResourceError, UsageError
+from .jsonio import dumps
 
 DEFAULT_BACKBONE = "bridge:lite0-minilm"
 DEFAULT_CACHE_DIR = ".xmodal-cache"
@@ -44,7 +44,7 @@ def resolve_device(device: str) -> str:
 
 
 def emit_json(payload: Any, sort_keys: bool = False) -> None:
-    """Exactly one JSON document on stdout (progress and notes go to stderr)."""
-    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=sort_keys, default=str) + "\n")
+    """Exactly one JSON document on stdout (progress and notes go to stderr); NaN/Infinity become null."""
+    sys.stdout.write(dumps(payload, indent=2, sort_keys=sort_keys) + "\n")
     sys.stdout.flush()
 

@@ -29,6 +29,7 @@ from .cache import atomic_path, stable_hash
 from .data.base import ImageDataset, Sample
 from .errors import CorruptImageError, DatasetError, ResourceError, UsageError
 from .featureset import FeatureSet
+from .jsonio import dumps, plain
 from .shards import Shard, current_shard, launched_world
 
 DEFAULT_CACHE_DIR = os.environ.get("XMODAL_CACHE", ".xmodal-cache")
@@ -240,7 +241,7 @@ def _load_entry(path: Path, meta: dict, expected_ids: list[str]) -> tuple[list[s
         raise _Unusable(f"unreadable ({type(exc).__name__}: {exc})") from exc
     if not isinstance(record, dict) or not isinstance(record.get("ids"), list):
         raise _Unusable("its record has no id list")
-    if record.get("meta") != json.loads(json.dumps(meta, default=str)):
+    if record.get("meta") != plain(meta):
         raise _Unusable("its record was written for another key (backbone, data, samples or options)")
     expected = record.get("tensors")
     if not isinstance(expected, dict):
@@ -271,8 +272,7 @@ def _write_entry(path: Path, ids: list[str], tensors: dict[str, torch.Tensor], m
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp))
         with atomic_path(side) as tmp:
-            tmp.write_text(json.dumps({"ids": ids, "meta": meta, "tensors": _tensor_record(tensors), "info": info},
-                                      default=str))
+            tmp.write_text(dumps({"ids": ids, "meta": meta, "tensors": _tensor_record(tensors), "info": info}))
     except BaseException:
         for p in (path, side):
             p.unlink(missing_ok=True)

@@ -18,7 +18,6 @@ a single episode).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -31,6 +30,7 @@ from ..errors import DatasetError, InputError, UsageError
 from ..feature_bank import (AUGMENT_SCOPES, FeatureBank, _default_extract, _default_split,  # noqa: F401
                            fixed_test_subset)
 from ..featureset import FeatureSet
+from ..jsonio import plain
 from .provenance import git_commit, git_dirty, method_config, utc_timestamp, xmodal_version
 
 ROW_SCHEMA = 1
@@ -75,9 +75,7 @@ def resolve_methods(methods: str | Sequence[str]) -> list[str]:
 
 def _plain_json(value: dict[str, Any]) -> dict[str, Any]:
     """``selected_`` as plain JSON values (tensors / numpy scalars converted), as the store will hold it."""
-    from .store import _json_default
-
-    return json.loads(json.dumps(dict(value), default=_json_default))
+    return plain(dict(value))
 
 
 def _dataset_spec(dataset: Any) -> str:

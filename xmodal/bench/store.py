@@ -9,6 +9,8 @@ without them (older files) have "" and are never matched by a sweep.
 
 * Each row is written with a single ``write`` of one complete line, then flushed and fsync'ed, under
   an advisory file lock, so a finished row survives a crash and two writers never interleave.
+* Every row read is checked (``rowcheck.row_problem``: types, finite values, ``top1`` in [0, 100]); a bad row
+  is left in the file, named by file and line in a warning, and never reused or shown.
 * Opening the store reads every row; a torn last line (a process killed mid-write) is detected and
   cut off, so the file is valid JSONL again before anything new is appended.
 * ``has(key)`` / ``done_keys()`` let a sweep skip rows already present, so it resumes where it stopped.
@@ -21,6 +23,9 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
+
+from ..jsonio import dumps
+from .rowcheck import row_problem
 
 try:  # POSIX advisory locking; absent on Windows, where appends are still single writes
     import fcntl
@@ -49,7 +54,8 @@ class ResultStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.repaired: str | None = None  # what was done to a torn tail (None: nothing to repair)
-        self.skipped_lines: list[int] = []  # 1-based numbers of unparsable lines (left in the file)
+        self.skipped_lines: list[int] = []  # 1-based numbers of unparsable or invalid lines (left in the file)
+        self.problems: list[str] = []  # "FILE:LINE: what is wrong", one per skipped line
         self._rows: list[dict[str, Any]] = []
         self._index: dict[RowKey, int] = {}
         self._size = 0  # bytes of the file already parsed (always ends on a line boundary)
@@ -62,8 +68,9 @@ class ResultStore:
                 with open(self.path, "rb") as fh:
                     self._catch_up(fh, repair=False)
         if self.skipped_lines:
-            warnings.warn(f"{self.path}: ignored {len(self.skipped_lines)} unreadable line(s) "
-                          f"(line numbers {self.skipped_lines[:5]})", stacklevel=2)
+            more = f" (and {len(self.problems) - 3} more)" if len(self.problems) > 3 else ""
+            warnings.warn(f"ignored {len(self.skipped_lines)} unreadable or invalid result row(s), left in the file: "
+                          f"{'; '.join(self.problems[:3])}{more}", stacklevel=2)
 
     # ----- reading ----------------------------------------------------------------------
     def _catch_up(self, fh, repair: bool) -> None:
@@ -86,9 +93,13 @@ class ResultStore:
                 continue
             try:
                 row = json.loads(raw)
-                key = row_key(row)
-            except (ValueError, KeyError, TypeError):
+                problem = row_problem(row)
+                key = row_key(row) if problem is None else None
+            except (ValueError, KeyError, TypeError) as exc:
+                problem = f"not a JSON result row ({type(exc).__name__}: {exc})"
+            if problem is not None:
                 self.skipped_lines.append(self._lines)
+                self.problems.append(f"{self.path}:{self._lines}: {problem}")
                 continue
             if key in self._index:  # a duplicate (should not happen with locking): the first one wins
                 continue
@@ -140,9 +151,12 @@ class ResultStore:
     def append(self, row: dict[str, Any]) -> bool:
         """Write one row durably. Returns False (and writes nothing) if its key is already stored."""
         key = row_key(row)
+        problem = row_problem(row)
+        if problem is not None:  # never write a row that a reader would refuse
+            raise ValueError(f"refusing to store a result row for {self.path}: {problem}")
         if key in self._index:
             return False
-        line = (json.dumps(row, sort_keys=True, allow_nan=True, default=_json_default) + "\n").encode()
+        line = (dumps(row, sort_keys=True) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._locked("a+b") as fh:  # "a": every write lands at the end, whatever the position
             self._catch_up(fh, repair=True)  # rows another process appended meanwhile, a torn tail
@@ -199,17 +213,6 @@ class _LockedFile:
 def _fsync(fh) -> None:
     fh.flush()
     os.fsync(fh.fileno())
-
-
-def _json_default(obj: Any) -> Any:
-    """Make tensors / numpy scalars / paths in ``selected_`` JSON-serialisable instead of failing a sweep."""
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)
 
 
 def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -21,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import InputError, UsageError
 from ..fewshot.base import create_method
+from ..jsonio import dumps
 from .plot import plot_accuracy_vs_shots
 from .provenance import (describe_identity_change, git_commit, method_config, result_identity, utc_timestamp,
                          xmodal_version)
@@ -119,7 +119,7 @@ def _stale_method_notes(store: ResultStore, backbone_spec: str, identities: dict
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(dumps(payload, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 

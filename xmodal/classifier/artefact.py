@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..cache import file_digest
 from ..errors import InputError
 from ..filemode import apply_umask
+from ..jsonio import dumps
 
 FORMAT = "xmodal-classifier"
 FORMAT_VERSION = 1
@@ -52,7 +53,7 @@ def write_artefact(target: str | Path, tensors: dict[str, torch.Tensor], doc: di
         doc = {**doc, "files": {TENSORS_FILE: {"sha256": file_digest(tensor_path),
                                                "bytes": tensor_path.stat().st_size}}}
         with open(tmp / CONFIG_FILE, "w") as fh:
-            fh.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+            fh.write(dumps(doc, indent=2) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         apply_umask(tmp)  # mkdtemp and safetensors create owner-only modes

@@ -20,28 +20,41 @@ Item = Union[str, Image.Image, torch.Tensor]
 _GLOB_CHARS = set("*?[")
 
 
-def expand_paths(paths: Iterable[str | Path]) -> list[str]:
-    """Files as given, folders walked recursively (image suffixes only, sorted), globs expanded (sorted)."""
+def expand_paths(paths: Iterable[str | Path], missing: list[tuple[str, str]] | None = None) -> list[str]:
+    """Files as given, folders walked recursively (image suffixes only, sorted), globs expanded (sorted).
+
+    A path that names nothing (no such file, an empty folder, a pattern matching nothing) raises
+    ``InputError``; when a ``missing`` list is given it is appended there as (path, message) instead, so a
+    batch job can report it as one failed row and go on with the rest.
+    """
     out: list[str] = []
     for raw in paths:
-        p = Path(raw).expanduser()
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise InputError(f"no image files under {p} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})",
-                                 hint="point at a folder that holds images, or at the image files themselves")
-            out.extend(found)
-        elif p.exists():
-            out.append(str(p))
-        elif _GLOB_CHARS & set(str(raw)):
-            matches = sorted(m for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
-            if not matches:
-                raise InputError(f"the pattern {raw} matches no file", hint="check the pattern (quote it so the "
-                                 "shell does not expand it) or list the files")
-            out.extend(matches)
-        else:
-            raise InputError(f"no such file or folder: {raw}", hint="check the path")
+        try:
+            out.extend(_expand_one(raw))
+        except InputError as exc:
+            if missing is None:
+                raise
+            missing.append((str(raw), str(exc)))
     return out
+
+
+def _expand_one(raw: str | Path) -> list[str]:
+    p = Path(raw).expanduser()
+    if p.is_dir():
+        found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise InputError(f"no image files under {p} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})",
+                             hint="point at a folder that holds images, or at the image files themselves")
+        return found
+    if p.exists():
+        return [str(p)]
+    if _GLOB_CHARS & set(str(raw)):
+        matches = sorted(m for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+        if not matches:
+            raise InputError(f"the pattern {raw} matches no file", hint="check the pattern (quote it so the "
+                             "shell does not expand it) or list the files")
+        return matches
+    raise InputError(f"no such file or folder: {raw}", hint="check the path")
 
 
 def normalise_inputs(inputs: Any) -> list[Item]:

@@ -24,6 +24,7 @@ import torch
 from ..cache import atomic_write_text, file_digest, stable_hash
 from ..errors import ResourceError
 from ..filemode import apply_umask
+from ..jsonio import dumps
 from .onnx import EngineUnavailable, OnnxTower, _session, load_or_export
 
 if TYPE_CHECKING:
@@ -108,6 +109,6 @@ def int8_tower(backbone: "VisionLanguageBackbone", tower: str, cache_dir: str | 
     record = {"file": final.name, "sha256": digest, "fp32_sha256": fp32.record["sha256"], "tower": tower,
               "spec": backbone.spec, "fingerprint": backbone.fingerprint(), "calibration": calib_id,
               "int8": INT8_RECIPE, "onnxruntime": onnxruntime.__version__, "probe": fp32.record["probe"]}
-    atomic_write_text(side, json.dumps(record, indent=1))
+    atomic_write_text(side, dumps(record, indent=1))
     session, name = _session(final)
     return OnnxTower(session, name, final, record)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..cache import atomic_write_text, file_digest, stable_hash
 from ..filemode import apply_umask
+from ..jsonio import dumps
 
 if TYPE_CHECKING:
     from ..backbones.base import VisionLanguageBackbone
@@ -186,5 +187,5 @@ def load_or_export(backbone: "VisionLanguageBackbone", tower: str, cache_dir: st
 
     record = {**identity, "spec": backbone.spec, "file": final.name, "sha256": digest, "probe": fidelity,
               "onnxruntime": onnxruntime.__version__}
-    atomic_write_text(side, json.dumps(record, indent=1))
+    atomic_write_text(side, dumps(record, indent=1))
     return OnnxTower(session, name, final, record)
