@@ -394,6 +394,37 @@ def _drop_last_row(p: Path) -> None:
     p.write_text("".join(lines[:-1]))
 
 
+def _edit_row(**fields) -> Callable[[Path], None]:
+    """Overwrite fields of the second row of a results file (as a user or a bad tool might)."""
+    def edit(p: Path) -> None:
+        lines = p.read_text().splitlines(keepends=True)
+        row = json.loads(lines[1])
+        row.update(fields)
+        lines[1] = json.dumps(row) + "\n"  # Python writes NaN here, as an unchecked tool would
+        p.write_text("".join(lines))
+    return edit
+
+
+def _check_bad_row_recomputed(e, t, res):
+    """The bad row stays in the file (never deleted) but is neither reused nor shown: its cell is computed again."""
+    doc = json.loads(res.stdout)
+    assert doc["new_rows"] == 1, doc
+    text = (t / "out" / "results.jsonl").read_text().splitlines()
+    before = (t / "before.jsonl").read_text().splitlines()
+    assert len(text) == len(before) + 1 and text[2:len(before)] == before[2:], "a finished row changed"
+    cells = [c for s in doc["summary"] for c in s["cells"]]
+    assert cells and all(0 <= c["mean"] <= 100 for c in cells), cells
+
+
+def _refuse_constant(name: str):
+    raise AssertionError(f"invalid JSON constant {name} in the output")
+
+
+def _check_strict_json(e, t, res):
+    doc = json.loads(res.stdout, parse_constant=_refuse_constant)  # NaN / Infinity are not JSON
+    assert doc
+
+
 def _edit_image(folder: Path) -> None:
     Image.new("RGB", (16, 16), (250, 0, 0)).save(_first(folder))
 
@@ -783,6 +814,18 @@ CASES: list[Case] = [
          check=_check_resumed_no_dup(4)),
     Case("bench-rerun-after-data-changed", ["bench"], _bench_first(None, data_change=_edit_image), 0,
          check=_check_resumed_no_dup(4)),
+    Case("bench-absurd-top1-in-results", ["bench"], _bench_first(_edit_row(top1=1e9)), 0,
+         r"results\.jsonl:2: 'top1' must be a finite percentage", check=_check_bad_row_recomputed),
+    Case("bench-non-numeric-top1-in-results", ["bench"], _bench_first(_edit_row(top1="high")), 0,
+         r"results\.jsonl:2: 'top1' must be a finite percentage", check=_check_bad_row_recomputed),
+    Case("bench-nan-top1-in-results", ["bench"], _bench_first(_edit_row(top1=float("nan"))), 0,
+         r"results\.jsonl:2: 'top1'", check=_check_bad_row_recomputed),
+    Case("bench-negative-count-in-results", ["bench"], _bench_first(_edit_row(n_correct=-3)), 0,
+         r"results\.jsonl:2: 'n_correct' must be a whole number", check=_check_bad_row_recomputed),
+    Case("bench-single-seed-json-is-strict-json", ["bench"],
+         lambda e, t: _bench_grid()(e, t) + ["--seeds", "1", "--json"], 0, check=_check_strict_json),
+    Case("fewshot-json-is-strict-json", ["fewshot"], clean(few, "--shots", "1", "--json"), 0,
+         check=_check_strict_json),
     Case("bench-out-read-only", ["bench"],
          lambda e, t: _bench_grid()(e, t) + ["--out", str(t / "mnt")], 4, "read-only", mount="ro"),
     Case("bench-disk-full-then-resume", ["bench"], _bench_disk_full, 4, "no space left", mount="tmpfs",
@@ -995,3 +1038,94 @@ def test_debug_prints_the_traceback(env, tmp_path, monkeypatch):
     monkeypatch.setenv("XMODAL_DEBUG", "1")
     res = CliRunner().invoke(_app(), args)
     assert res.exit_code == 3 and "Traceback" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------- hints, run
+# A hint that suggests a fix is only useful if the fix works: each one below is taken from the error output and run.
+def _hint(res) -> str:
+    doc = json.loads(res.stdout)
+    assert res.exit_code != 0 and doc["hint"], res.output
+    return doc["hint"]
+
+
+@pytest.mark.parametrize("command", ["fewshot", "bench", "fit"])
+def test_suggested_shots_then_works(command, env, tmp_path):
+    base = {"fewshot": few("--data", f"imagefolder:{env.folder}"),
+            "bench": bench("--data", f"imagefolder:{env.folder}", "--seeds", "1", "--out", str(tmp_path / "out"),
+                           "--methods", "zeroshot"),
+            "fit": lambda e, t: ["fit", "--backbone", TB, "--data", f"imagefolder:{env.folder}", "--method",
+                                 "tip-adapter", "--augment-views", "0", "--out", str(t / "m"), "--device", "cpu",
+                                 "--cache-dir", str(t / "cache")]}[command](env, tmp_path)
+    with _deadline(120, f"{command} --shots"):
+        res = CliRunner().invoke(_app(), [*base, "--shots", "20", "--json"])
+        assert res.exit_code == 2, res.output
+        shots = re.search(r"--shots (\d+)", _hint(res)).group(1)
+        again = CliRunner().invoke(_app(), [*base, "--shots", shots, "--json"])
+    assert again.exit_code == 0, f"the suggested --shots {shots} failed too:\n{again.output}"
+
+
+def test_no_validation_image_hint_then_works(env, tmp_path):
+    """A class with too few images for support + validation: the suggested --shots leaves one for validation."""
+    folder = _copy_folder(env, tmp_path)
+    for extra in sorted((folder / "train" / "class1").iterdir())[3:]:
+        extra.unlink()  # class1: 3 training images, the others 6
+    base = few("--data", f"imagefolder:{folder}")(env, tmp_path)
+    with _deadline(120, "fewshot --shots"):
+        res = CliRunner().invoke(_app(), [*base, "--shots", "6", "--json"])
+        hint = _hint(res)
+        assert "class1" in hint, hint
+        shots = re.search(r"--shots (\d+)", hint).group(1)
+        again = CliRunner().invoke(_app(), [*base, "--shots", shots, "--json"])
+    assert again.exit_code == 0, f"the suggested --shots {shots} failed too:\n{again.output}"
+
+
+def test_serve_token_hint_then_works(clf_env, tmp_path, monkeypatch):
+    """The hint for exposing the server prints a command that creates a token; running it makes serve start."""
+    import uvicorn
+
+    monkeypatch.delenv("XMODAL_API_TOKEN", raising=False)
+    args = ["serve", str(clf_env.classifier), "--host", "0.0.0.0", "--port", "0", "--device", "cpu"]
+    res = CliRunner().invoke(_app(), args)  # serve has no --json: the hint is on the error line
+    assert res.exit_code == 2, res.output
+    hint = res.stderr.partition(" — ")[2]
+    command = re.search(r"(python -c '[^']*' > token\.txt)", hint)
+    assert command, f"no runnable command in the hint: {hint}"
+    bin_dir = str(Path(sys.executable).parent)  # `python` as the user would have it on PATH
+    done = subprocess.run(["bash", "-c", command.group(1)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"})
+    assert done.returncode == 0, f"the hint's command failed: {done.stderr}"
+    assert "--token-file token.txt" in hint
+    started: list[object] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: started.append(sockets))
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(_app(), [*args, "--token-file", "token.txt"])
+    assert res.exit_code == 0 and started, res.output
+
+
+# ---------------------------------------------------------------------------------------------- XMODAL_CACHE
+def test_every_cache_dir_option_reads_xmodal_cache():
+    """Each command with --cache-dir takes its default from $XMODAL_CACHE (X-adapter commands aside)."""
+    import typer.main
+
+    def walk(cmd, path):
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+        for p in getattr(cmd, "params", []):
+            if "--cache-dir" in getattr(p, "opts", ()):
+                yield " ".join(path), p
+
+    found = {name: p for name, p in walk(typer.main.get_command(_app()), []) if not name.startswith("xadapter")}
+    assert {"features", "zeroshot", "fewshot", "bench", "fit", "predict"} <= set(found), sorted(found)
+    wrong = sorted(name for name, p in found.items() if p.envvar != "XMODAL_CACHE")
+    assert not wrong, f"--cache-dir ignores XMODAL_CACHE in: {wrong}"
+
+
+def test_fit_writes_its_cache_under_xmodal_cache(env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "elsewhere"
+    res = CliRunner().invoke(_app(), ["fit", "--backbone", TB, "--data", f"imagefolder:{env.folder}", "--shots", "2",
+                                      "--method", "tip-adapter", "--augment-views", "0", "--out", str(tmp_path / "m"),
+                                      "--device", "cpu", "--json"], env={"XMODAL_CACHE": str(cache)})
+    assert res.exit_code == 0, res.output
+    assert any(cache.rglob("*.safetensors")), "no feature-cache entry under $XMODAL_CACHE"
+    assert not (tmp_path / ".xmodal-cache").exists()

@@ -159,7 +159,7 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
         from ..data import check_shots
 
         for d_obj in data_l:
-            check_shots(d_obj, shots_l)
+            check_shots(d_obj, shots_l, needs_val=True)
     if isinstance(backbone, str):
         from ..backbones import load_backbone
 

@@ -68,11 +68,13 @@ def train_groups(dataset: ImageDataset) -> dict[int, list[Sample]]:
     return train
 
 
-def check_shots(dataset: ImageDataset, shots: int | list[int]) -> dict[int, list[Sample]]:
+def check_shots(dataset: ImageDataset, shots: int | list[int], needs_val: bool = False) -> dict[int, list[Sample]]:
     """Refuse shot counts no class can supply (before any work); returns ``train_groups(dataset)``.
 
     A class with fewer than K images gets its support drawn with replacement (CoOp's rule), but when not
     even the largest class has K images a "K-shot" result would rest on repeats only, so it is an error.
+    ``needs_val``: validation images are drawn from train (the harness, no val split), so the shot count
+    the error suggests leaves one image per class for validation: the suggestion then works when run.
     """
     values = [shots] if not isinstance(shots, (list, tuple)) else list(shots)
     for k in values:
@@ -83,8 +85,20 @@ def check_shots(dataset: ImageDataset, shots: int | list[int]) -> dict[int, list
     if too_many:
         raise UsageError(f"{dataset.name}: no class has {too_many[0]} training images (the largest has {largest}); "
                          f"{too_many[0]}-shot episodes would repeat the same images",
-                         hint=f"use --shots {largest} or fewer for this dataset")
+                         hint=_shots_hint(dataset, train, needs_val and "val" not in dataset.splits(), largest))
     return train
+
+
+def _shots_hint(dataset: ImageDataset, train: dict[int, list[Sample]], val_from_train: bool, largest: int) -> str:
+    """A --shots value that works: every class keeps an image for validation when val comes from train."""
+    if not val_from_train:
+        return f"use --shots {largest} or fewer for this dataset"
+    label, smallest = min(((c, len(g)) for c, g in train.items()), key=lambda x: (x[1], x[0]))
+    if smallest >= 2:
+        return (f"use --shots {smallest - 1} or fewer for this dataset (class {dataset.classnames[label]!r} has "
+                f"{smallest} training images and keeps one for validation)")
+    return (f"add a val/ split, or a second training image to class {dataset.classnames[label]!r} (validation "
+            "images are drawn from the train images left after the support draw)")
 
 
 def _support_only(train: dict[int, list[Sample]], shots: int, seed: int) -> list[Sample]:
@@ -106,7 +120,7 @@ def fewshot_split(dataset: ImageDataset, shots: int, seed: int, val_per_class: i
     n_val = min(shots, 4) if val_per_class is None else val_per_class
     if n_val < 0:
         raise UsageError(f"val_per_class must be >= 0, got {val_per_class}")
-    train = check_shots(dataset, shots)
+    train = check_shots(dataset, shots, needs_val=bool(n_val) and if_no_val == "error")
     small = {dataset.classnames[c]: len(g) for c, g in train.items() if len(g) < shots}
     if small:
         warnings.warn(f"{dataset.name}: {len(small)} class(es) have fewer than {shots} training images "
@@ -132,7 +146,8 @@ def fewshot_split(dataset: ImageDataset, shots: int, seed: int, val_per_class: i
             where = "in the val split" if has_val else f"left in train after drawing {shots} support image(s)"
             raise DatasetError(f"{dataset.name}: no validation image for class {dataset.classnames[label]!r} "
                                f"({where}; it has {len(train[label])} training image(s))",
-                               hint="use fewer --shots, or add images (or a val/ split) for that class")
+                               hint=_shots_hint(dataset, train, True, shots) if not has_val
+                               else "add validation images for that class to the val split")
         val.extend(_draw(pool, min(n_val, len(pool)), np.random.default_rng([seed, label, 1])) if n_val else [])
     rule = (f"min(K,4)={n_val} per class from the val split" if has_val
             else f"min(K,4)={n_val} per class from train images not in the support set (dataset has no val split)")
