@@ -53,6 +53,7 @@ class HeadArgs:
     save_every: int = 200
     resume: bool = False
     progress: bool = True
+    stop_after: int | None = None     # stop after N steps in this invocation (checkpoint kept; continue with resume)
 
 
 def _fingerprint(args: HeadArgs) -> dict:
@@ -140,7 +141,8 @@ def train_head(args: HeadArgs, log: Callable[[str], None] = print) -> dict:
         torch.save(state, buf)
         _atomic_write_bytes(ckpt_path, buf.getvalue())
 
-    while new_head and step < args.max_steps and reason is None:
+    end = args.max_steps if args.stop_after is None else min(args.max_steps, step + args.stop_after)
+    while new_head and step < end and reason is None:
         rows = perm.rows(step, args.batch_size)
         enc = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=args.max_length,
                         return_tensors="pt")
@@ -154,7 +156,7 @@ def train_head(args: HeadArgs, log: Callable[[str], None] = print) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -165,6 +167,10 @@ def train_head(args: HeadArgs, log: Callable[[str], None] = print) -> dict:
             checkpoint(step)
     if bar is not None:
         bar.close()
+    if reason is None and step < args.max_steps:
+        checkpoint(step)
+        log(f"text-only head: stopped at step {step} of at most {args.max_steps}; continue with --resume")
+        return {"out": str(out), "steps": step, "finished": False, "stopped": None}
     if reason is None:
         reason = f"reached --max-steps {args.max_steps} before the loss flattened"
     tensors = {n: named[n].detach().cpu().contiguous() for n in new_head}
@@ -179,7 +185,7 @@ def train_head(args: HeadArgs, log: Callable[[str], None] = print) -> dict:
     if ckpt_path.is_file():
         ckpt_path.unlink()
     log(f"text-only head: {step} steps, {reason}; saved to {out}")
-    return {**meta, "out": str(out)}
+    return {**meta, "out": str(out), "finished": True}
 
 
 def load_head(model, directory: str | Path) -> list[str]:
