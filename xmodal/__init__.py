@@ -5,7 +5,7 @@ bring CLIP's visual knowledge into text-only language models.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .backbones import load_backbone  # noqa: E402
 from .data import fewshot_split, load_dataset  # noqa: E402

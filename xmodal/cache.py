@@ -11,6 +11,9 @@ from typing import Any, Iterator
 
 from .filemode import apply_umask
 
+# where feature caches, engine exports and the offline bridge's fitted map live unless a caller says otherwise
+DEFAULT_CACHE_DIR = os.environ.get("XMODAL_CACHE", ".xmodal-cache")
+
 
 def stable_hash(obj: Any, length: int = 20) -> str:
     """SHA-256 of a canonical JSON encoding (sorted keys), truncated."""

@@ -23,16 +23,15 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backbones.base import VisionLanguageBackbone
-from .backbones.transforms import describe
-from .cache import atomic_path, stable_hash
+from .cache import DEFAULT_CACHE_DIR, atomic_path, stable_hash
 from .data.base import ImageDataset, Sample
+from .encoders.base import VisionLanguageBackbone
+from .encoders.transforms import describe
 from .errors import CorruptImageError, DatasetError, ResourceError, UsageError
 from .featureset import FeatureSet
 from .jsonio import dumps, plain
 from .shards import Shard, current_shard, launched_world
 
-DEFAULT_CACHE_DIR = os.environ.get("XMODAL_CACHE", ".xmodal-cache")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16, "int8": "int8"}
 

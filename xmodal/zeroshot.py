@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backbones.base import VisionLanguageBackbone
+from .encoders.base import VisionLanguageBackbone
 
 
 def text_classifier(backbone: VisionLanguageBackbone, classnames: list[str], templates: list[str]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Backbones: one factory from a string spec to a `VisionLanguageBackbone`.
+"""Backbones: an encoder (``xmodal.encoders``: towers, preprocessing, fingerprint) put on an engine
+(``xmodal.engines``: how its towers run). ``load_backbone`` is what every caller uses.
 
 Specs:
   openclip:<arch>/<pretrained-tag-or-local-file>   open_clip models (RN50, ViT-B-16, ...)
@@ -8,14 +9,9 @@ Specs:
 """
 from __future__ import annotations
 
-from .base import VisionLanguageBackbone
-
-KNOWN_SPECS = {
-    "bridge:lite0-minilm": "offline default: EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2, ridge-bridged (stand-in, not CLIP)",
-    "tiny:clip": "seeded random tiny dual encoder, for tests",
-    "openclip:<arch>/<tag-or-file>": "open_clip model, e.g. openclip:RN50/openai or openclip:ViT-B-16/path/to/weights.bin",
-    "hf:<model-id-or-folder>": "Hugging Face CLIPModel, e.g. hf:openai/clip-vit-base-patch16 or hf:/path/to/folder",
-}
+from ..encoders import KNOWN_SPECS, build_backbone
+from ..encoders.base import VisionLanguageBackbone
+from ..engines import attach_engine, resolve_engine
 
 
 def load_backbone(spec: str, device: str = "cpu", cache_dir: str | None = None,
@@ -26,32 +22,8 @@ def load_backbone(spec: str, device: str = "cpu", cache_dir: str | None = None,
     ONNX Runtime export on CPU where that is faster, PyTorch elsewhere; ``"torch"`` or ``"onnx"`` force one.
     Exports are cached under ``cache_dir/onnx`` (default ``$XMODAL_CACHE`` or ``.xmodal-cache``).
     """
-    from ..engines import resolve_engine
-
     engine = resolve_engine(engine)  # a bad value fails before any weights load
-    kind, _, rest = spec.partition(":")
-    if kind == "tiny":
-        from .tiny import TinyClip
-
-        seed = int(rest.split(":")[1]) if rest.count(":") else 0
-        backbone: VisionLanguageBackbone = TinyClip(spec=spec, seed=seed)
-    elif kind == "bridge":
-        from .bridge import BridgeBackbone
-
-        backbone = BridgeBackbone(spec=spec, variant=rest, cache_dir=cache_dir)
-    elif kind == "openclip":
-        from .openclip import OpenClipBackbone
-
-        backbone = OpenClipBackbone(spec=spec, target=rest)
-    elif kind == "hf":
-        from .hf import HFClipBackbone
-
-        backbone = HFClipBackbone(spec=spec, target=rest)
-    else:
-        from ..errors import UnknownBackboneError
-
-        raise UnknownBackboneError(f"unknown backbone spec {spec!r}. Known forms: " + "; ".join(KNOWN_SPECS))
-    return backbone.set_engine(engine, cache_dir).to(device)
+    return attach_engine(build_backbone(spec, cache_dir), engine, cache_dir).to(device)
 
 
 __all__ = ["VisionLanguageBackbone", "load_backbone", "KNOWN_SPECS"]

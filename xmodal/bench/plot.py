@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .table import Summary, dataset_notes, summarize
+from .summary import Summary, dataset_notes, summarize
 
 
 def plot_accuracy_vs_shots(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], *,

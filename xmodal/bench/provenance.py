@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import xmodal
+from ..version import __version__
 
-_PKG_DIR = Path(list(xmodal.__path__)[0]).resolve()
+_PKG_DIR = Path(__file__).resolve().parents[1]  # the xmodal package folder
 
 
 @functools.lru_cache(maxsize=1)
@@ -22,7 +22,7 @@ def xmodal_version() -> str:
         return importlib.metadata.version("xmodal")
     except importlib.metadata.PackageNotFoundError:
         pass
-    version = getattr(xmodal, "__version__", None)
+    version = __version__
     if version:
         return str(version)
     pyproject = _PKG_DIR.parent / "pyproject.toml"

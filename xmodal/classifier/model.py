@@ -275,7 +275,7 @@ class FewShotClassifier:
     def to_doc(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON description) of the fitted classifier, as written by :meth:`save`."""
         self._require_fitted()
-        from .. import __version__
+        from ..version import __version__
         from ..backbones.transforms import describe
 
         tensors, state = self.method_.get_state()

@@ -7,8 +7,13 @@ is not part of any cache key; ``bf16`` and ``int8`` change the numbers and are k
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from ..encoders.base import VisionLanguageBackbone
 
 ENGINES = ("auto", "torch", "onnx")
 ENGINE_ENV = "XMODAL_ENGINE"
@@ -24,4 +29,15 @@ def resolve_engine(engine: str | None) -> str:
     return value
 
 
-__all__ = ["ENGINES", "ENGINE_ENV", "resolve_engine"]
+def attach_engine(backbone: "VisionLanguageBackbone", engine: str | None = None,
+                  cache_dir: str | Path | None = None) -> "VisionLanguageBackbone":
+    """Run ``backbone``'s image towers on ``engine``: ``auto`` (ONNX Runtime on CPU where the backbone's kind
+    prefers it, else PyTorch), ``torch`` or ``onnx``; ``None`` reads ``$XMODAL_ENGINE``. The ONNX export
+    happens lazily, on first use, into ``cache_dir/onnx``. Returns the backbone."""
+    from .runner import EngineRunner
+
+    backbone.runner = EngineRunner(backbone, resolve_engine(engine), cache_dir)
+    return backbone
+
+
+__all__ = ["ENGINES", "ENGINE_ENV", "resolve_engine", "attach_engine"]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:
-    from ..backbones.base import VisionLanguageBackbone
+    from ..encoders.base import VisionLanguageBackbone
 
 
 class Bf16Tower:

@@ -28,7 +28,7 @@ from ..jsonio import dumps
 from .onnx import EngineUnavailable, OnnxTower, _session, load_or_export
 
 if TYPE_CHECKING:
-    from ..backbones.base import VisionLanguageBackbone
+    from ..encoders.base import VisionLanguageBackbone
 
 INT8_RECIPE = {"format": "qdq", "ops": ["Conv", "MatMul", "Gemm"], "weights": "int8 per-channel",
                "activations": "uint8", "calibration": "minmax", "fp32_first": 9, "calib_images": 64, "version": 2}

@@ -31,7 +31,7 @@ from ..filemode import apply_umask
 from ..jsonio import dumps
 
 if TYPE_CHECKING:
-    from ..backbones.base import VisionLanguageBackbone
+    from ..encoders.base import VisionLanguageBackbone
 
 FORMAT = 1
 OPSET = 17

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cache import atomic_path, file_digest, stable_hash
+from ..cache import DEFAULT_CACHE_DIR, atomic_path, file_digest, stable_hash
 from ..errors import BackboneUnavailableError
 from .base import VisionLanguageBackbone
 from .transforms import augment_transform, describe, eval_transform
@@ -95,8 +95,6 @@ class BridgeBackbone(VisionLanguageBackbone):
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.text_model = AutoModel.from_pretrained(str(folder)).eval().requires_grad_(False)
         self._eval = eval_transform(_IMAGE_SIZE, _MEAN, _STD)
-        from ..features import DEFAULT_CACHE_DIR
-
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
         self.ridge_weight, self.ridge_bias = self._load_or_fit_ridge()
 
