@@ -620,6 +620,31 @@ def _flip_bytes(d: Path) -> None:
     p.write_bytes(bytes(raw))
 
 
+def _edit_config(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    """Edit xmodal_classifier.json as a user with a text editor would (valid JSON, other content)."""
+    def mutate(d: Path) -> None:
+        p = d / "xmodal_classifier.json"
+        doc = json.loads(p.read_text())
+        change(doc)
+        p.write_text(json.dumps(doc, indent=2))
+    return mutate
+
+
+def _swap_classes(doc: dict) -> None:
+    doc["classes"][0], doc["classes"][1] = doc["classes"][1], doc["classes"][0]
+
+
+def _change_alpha(doc: dict) -> None:
+    selected = doc["method"]["selected"]
+    assert "alpha" in selected, selected
+    selected["alpha"] = float(selected["alpha"]) * 2 + 1
+
+
+def _as_format_v1(doc: dict) -> None:
+    doc["format_version"] = 1
+    doc.pop("digest")
+
+
 def _predict(model: Callable[[Env, Path], Path], *extra: str, images: Callable[[Env, Path], Path] | None = None):
     def args(e: Env, t: Path) -> list[str]:
         target = images(e, t) if images else e.folder / "test"
@@ -911,6 +936,17 @@ CASES: list[Case] = [
     Case("predict-model-missing", ["predict"],
          lambda e, t: ["predict", str(t / "nomodel"), str(_first(e.folder))], 3, "nomodel"),
     Case("predict-adapter-tampered", ["predict"], _predict(_model_copy(_flip_bytes)), 3, "checksum", clf=True),
+    Case("predict-config-class-names-edited", ["predict"], _predict(_model_copy(_edit_config(_swap_classes))), 3,
+         "does not match its recorded digest", clf=True),
+    Case("predict-config-alpha-edited", ["predict"], _predict(_model_copy(_edit_config(_change_alpha)), "--json"), 3,
+         "does not match its recorded digest", as_json=True, clf=True),
+    Case("predict-config-edited-force", ["predict"],
+         _predict(_model_copy(_edit_config(_change_alpha)), "--force", "--format", "jsonl"), 0,
+         r"warning: .*does not match its recorded digest.*--force", clf=True),
+    Case("predict-config-format-v1-without-digest", ["predict"], _predict(_model_copy(_edit_config(_as_format_v1))),
+         3, "format version 1, before the whole-classifier digest", clf=True),
+    Case("serve-config-class-names-edited", ["serve"], _serve(_model_copy(_edit_config(_swap_classes))), 3,
+         "does not match its recorded digest", clf=True),
     Case("predict-config-not-json", ["predict"],
          _predict(_model_copy(lambda d: (d / "xmodal_classifier.json").write_text("{"))), 3, "not valid JSON",
          clf=True),

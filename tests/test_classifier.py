@@ -174,8 +174,10 @@ def test_malformed_description_is_a_clear_error(fitted, data, tmp_path):
                    {**doc, "method": {**doc["method"], "state": {**doc["method"]["state"],
                                                                   "params": {"no_such_param": 1}}}}):
         (out / CONFIG_FILE).write_text(json.dumps(broken))
-        with pytest.raises(InputError):
+        with pytest.raises(InputError, match="digest"):  # any edit is caught by the digest first
             FewShotClassifier.load(out, device="cpu", cache_dir=cache)
+        with pytest.raises(InputError, match="malformed|parameter"), pytest.warns(UserWarning, match="digest"):
+            FewShotClassifier.load(out, device="cpu", cache_dir=cache, force=True)  # and the structure is checked
 
 
 def test_failed_save_leaves_the_previous_folder_and_no_temp(fitted, tmp_path, monkeypatch):

@@ -123,7 +123,8 @@ def predict_command(
     confusion: Path = typer.Option(Path("confusion_matrix.png"), "--confusion", help="where --eval writes the PNG"),
     cache_dir: str = cache_dir_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    force: bool = typer.Option(False, "--force", help="load even if the backbone's fingerprint differs"),
+    force: bool = typer.Option(False, "--force", help="load even if the classifier's files were edited or the "
+                                                      "backbone's fingerprint differs (with a warning)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON document with every row (not streamed)"),
 ) -> None:
     """Classify images with a saved classifier, one row per image as it goes.

@@ -1,16 +1,21 @@
 """The saved-classifier folder: ``adapter.safetensors`` + ``xmodal_classifier.json`` (PEFT-style, no pickle).
 
 Writing goes to a temporary folder beside the target that is renamed into place only when complete, so a
-crash never leaves a half-written classifier. Reading checks the format, the version and the SHA-256 of the
-tensor file recorded in the JSON before anything is trusted.
+crash never leaves a half-written classifier. One digest covers the whole classifier: the JSON records the
+SHA-256 of the tensor file, and ``digest`` is the SHA-256 of the canonical JSON itself (every field but
+``digest``: class names, method parameters and state, backbone, the tensor file's checksum). Reading checks
+the format, the version, that digest and the tensor checksum before anything is trusted; ``force=True``
+(``--force``) loads a changed folder anyway, with a warning.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,8 @@ from ..filemode import apply_umask
 from ..jsonio import dumps
 
 FORMAT = "xmodal-classifier"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the whole-classifier digest; 1 (no digest) loads only with force
+DIGEST_KEY = "digest"
 TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "xmodal_classifier.json"
 OWN_FILES = {TENSORS_FILE, CONFIG_FILE}
@@ -50,8 +56,9 @@ def write_artefact(target: str | Path, tensors: dict[str, torch.Tensor], doc: di
         tensor_path = tmp / TENSORS_FILE
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tensor_path),
                   metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-        doc = {**doc, "files": {TENSORS_FILE: {"sha256": file_digest(tensor_path),
-                                               "bytes": tensor_path.stat().st_size}}}
+        doc = {k: v for k, v in doc.items() if k != DIGEST_KEY}
+        doc["files"] = {TENSORS_FILE: {"sha256": file_digest(tensor_path), "bytes": tensor_path.stat().st_size}}
+        doc[DIGEST_KEY] = doc_digest(doc)
         with open(tmp / CONFIG_FILE, "w") as fh:
             fh.write(dumps(doc, indent=2) + "\n")
             fh.flush()
@@ -70,8 +77,25 @@ def write_artefact(target: str | Path, tensors: dict[str, torch.Tensor], doc: di
     return target
 
 
-def read_artefact(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, doc) of a saved classifier, after checking format, version and checksum."""
+def doc_digest(doc: dict[str, Any]) -> str:
+    """SHA-256 of the description in canonical JSON (sorted keys, no spaces), the ``digest`` field left out."""
+    body = {k: v for k, v in doc.items() if k != DIGEST_KEY}
+    return hashlib.sha256(dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _refuse_or_warn(message: str, hint: str, force: bool) -> None:
+    if not force:
+        raise InputError(message, hint=hint)
+    warnings.warn(f"{message}; loading anyway because of --force (force=True): predictions may be wrong",
+                  stacklevel=3)
+
+
+def read_artefact(folder: str | Path, force: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, doc) of a saved classifier, after checking format, version, digest and tensor checksum.
+
+    ``force``: a digest or checksum mismatch (an edited or damaged folder) and a folder written before the
+    digest existed are loaded with a warning instead of refused.
+    """
     folder = Path(folder).expanduser()
     refit = "fit and save it again (xmodal fit ... --out DIR)"
     if not folder.is_dir():
@@ -92,17 +116,29 @@ def read_artefact(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise InputError(f"{config} is not an xmodal classifier description (format {fmt!r}, expected {FORMAT!r})",
                          hint=refit)
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    force_hint = f"restore the original folder, or {refit}, or pass --force to load it anyway"
+    if version == 1:
+        _refuse_or_warn(f"{folder} was saved in classifier format version 1, before the whole-classifier digest: "
+                        f"edits to {CONFIG_FILE} (class names, parameters) cannot be detected", f"{refit}, or "
+                        "pass --force to load it unchecked", force)
+    elif version != FORMAT_VERSION:
         newer = isinstance(version, int) and version > FORMAT_VERSION
         raise InputError(f"{folder} uses classifier format version {version!r}; this xmodal reads version "
                          f"{FORMAT_VERSION}",
                          hint="upgrade xmodal to load it" if newer else f"load it with the xmodal that wrote it, or {refit}")
-    expected = (doc.get("files") or {}).get(TENSORS_FILE, {}).get("sha256")
+    else:
+        recorded, actual_doc = doc.get(DIGEST_KEY), doc_digest(doc)
+        if recorded != actual_doc:
+            _refuse_or_warn(f"{config} does not match its recorded digest (recorded {str(recorded)[:12]}…, found "
+                            f"{actual_doc[:12]}…): the description (class names, method parameters or state) was "
+                            "edited or damaged", force_hint, force)
+    entry = doc["files"].get(TENSORS_FILE) if isinstance(doc.get("files"), dict) else None
+    expected = entry.get("sha256") if isinstance(entry, dict) else None
     actual = file_digest(tensor_path)
     if not expected or expected != actual:
-        raise InputError(f"{tensor_path} does not match the checksum recorded in {CONFIG_FILE} "
-                         f"(recorded {str(expected)[:12]}…, found {actual[:12]}…): the file was changed or damaged",
-                         hint=f"restore the original folder, or {refit}")
+        _refuse_or_warn(f"{tensor_path} does not match the checksum recorded in {CONFIG_FILE} "
+                        f"(recorded {str(expected)[:12]}…, found {actual[:12]}…): the file was changed or damaged",
+                        force_hint, force)
     try:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -305,11 +305,12 @@ class FewShotClassifier:
     def load(cls, folder: str | Path, device: str = "auto", *, backbone: Any = None, force: bool = False,
              cache_dir: str | Path = DEFAULT_CACHE_DIR) -> "FewShotClassifier":
         """Load a saved classifier. The backbone (the saved spec, or ``backbone``: a spec or a loaded backbone)
-        must have the fingerprint recorded at fit time; a mismatch is refused unless ``force=True``."""
+        must have the fingerprint recorded at fit time, and the folder must match its digest (nothing edited);
+        a mismatch is refused unless ``force=True``, which loads it with a warning."""
         from ..backbones import load_backbone
         from .crossfit import method_from_state
 
-        tensors, doc = read_artefact(folder)
+        tensors, doc = read_artefact(folder, force=force)
         try:
             saved_bb, method_doc, classes = doc["backbone"], doc["method"], doc["classes"]
             spec, fingerprint = str(saved_bb["spec"]), str(saved_bb["fingerprint"])

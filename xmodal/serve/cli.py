@@ -98,6 +98,8 @@ def serve_command(
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... or auto."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log one line per request."),
+    force: bool = typer.Option(False, "--force", help="Serve a classifier whose files were edited or whose backbone "
+                                                      "fingerprint differs (with a warning)."),
 ) -> None:
     """Serve a saved classifier over HTTP: POST /v1/classify, GET /v1/model, /healthz, /docs, and a web page at /."""
     require_extra("serve", "xmodal serve")
@@ -114,7 +116,7 @@ def serve_command(
     if not model_dir.is_dir():
         raise InputError(f"no saved classifier folder at {model_dir}",
                          hint="create one with `xmodal fit ... --out DIR` and pass that DIR")
-    classifier = FewShotClassifier.load(str(model_dir), device=resolve_device(device))
+    classifier = FewShotClassifier.load(str(model_dir), device=resolve_device(device), force=force)
     settings = ServeSettings(
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, token=token,
         limits=UploadLimits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_pixels=max_pixels,
