@@ -114,3 +114,20 @@ def test_overlapping_splits_are_refused(tiny):
 
     with pytest.raises(ProtocolError, match="test image"):
         run_episode(_bank(tiny), 1, 1, "zeroshot", split_fn=leaky_split)
+
+
+def test_tower_methods_run_in_an_episode_with_their_settings_digest(tiny, monkeypatch):
+    """CoOp/CoCoOp train on the cached features with the backbone's text tower; CLIP-LoRA trains on, and is
+    scored on, the episode's images through its adapted towers (short CPU schedules for the test)."""
+    from xmodal.fewshot import clip_lora, cocoop, coop
+
+    monkeypatch.setitem(coop.PRESETS, "cpu", {**coop.PRESETS["cpu"], "epochs": 2})
+    monkeypatch.setitem(cocoop.PRESETS, "cpu", {**cocoop.PRESETS["cpu"], "epochs": 1})
+    monkeypatch.setitem(clip_lora.PRESETS, "cpu", {**clip_lora.PRESETS["cpu"], "iterations": 3, "views": 1})
+    rows = run_episode(_bank(tiny), 2, 0, ["coop", "cocoop", "clip-lora"], dataset_spec=tiny["spec"])
+    assert [r["method"] for r in rows] == ["coop", "cocoop", "clip-lora"]
+    for row in rows:
+        assert row["method_config"] and row["training_free"] is False and row["n_test"] == 12
+        assert "cached" in row["hparams"]
+    assert rows[2]["hparams"]["kind"] == "tiny" and rows[2]["hparams"]["rank"] == 2
+    assert rows[0]["method_config"] != rows[1]["method_config"]

@@ -159,7 +159,12 @@ def evaluate_method(method: FewShotMethod, episode: Episode) -> dict[str, Any]:
     fit_time = time.perf_counter() - start
     start = time.perf_counter()
     with torch.no_grad():
-        pred = method.predict(episode.test.features.clone())
+        if getattr(method, "needs_images", False):  # an adapted image tower: scored on the test images
+            from ..fewshot.pixels import predict_ids
+
+            pred = predict_ids(method, list(episode.test.ids))
+        else:
+            pred = method.predict(episode.test.features.clone())
     predict_time = time.perf_counter() - start
     pred = torch.as_tensor(pred).reshape(-1).cpu().long()
     labels = episode.test.labels  # first and only use of test labels: scoring
@@ -200,6 +205,11 @@ def run_episode(bank: FeatureBank, shots: int, seed: int, methods: str | Sequenc
     for name in todo:
         start = time.perf_counter()
         method = create_method(name, seed=seed, device=device or bank.device or "cpu", logit_scale=scale)
+        if method.needs_backbone:  # tower methods train inside the backbone's towers (and on the images)
+            from ..fewshot.pixels import PixelSource
+
+            method.bind_backbone(bank.backbone, PixelSource(bank.dataset, bank.backbone, seed)
+                                 if method.needs_images else None)
         config = method_config(method)
         result = evaluate_method(method, episode)
         row = {**context, **result, "method_config": config, "wall_time_s": round(time.perf_counter() - start, 4),

@@ -1,8 +1,14 @@
 """The protocol every few-shot method follows, and the registry that names them.
 
-Methods work on cached features only (`FeatureSet`), scikit-learn style: parameters in
-``__init__`` (no work there), ``fit`` on support + validation, ``predict`` / ``decision_scores`` on
-bare feature tensors. Test labels never reach a method: ``predict`` takes features only.
+Methods work on cached features (`FeatureSet`), scikit-learn style: parameters in ``__init__`` (no work
+there), ``fit`` on support + validation, ``predict`` / ``decision_scores`` on bare feature tensors. Test
+labels never reach a method: ``predict`` takes features only.
+
+Tower methods (``needs_backbone = True``: CoOp, CoCoOp, CLIP-LoRA) train inside a tower of the backbone.
+They keep the same ``fit(support, val, text_classifier)`` contract and validation-only selection; the
+harness hands them the backbone first (``bind_backbone``, also after loading a saved one). Methods that
+adapt the image tower (``needs_images = True``) also get ``pixels``: a function from sample ids to
+preprocessed image tensors, and score images with ``image_scores`` instead of ``decision_scores``.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ class FewShotMethod(abc.ABC):
 
     name: str = ""
     training_free: bool = True
+    needs_backbone: bool = False  # tower method: bind_backbone(backbone) before fit and after load
+    needs_images: bool = False    # image-tower method: scored on pixels (image_scores), not cached features
 
     def __init__(self, seed: int = 0, device: str = "cpu", logit_scale: float = 100.0) -> None:
         self.seed = seed
@@ -43,6 +51,19 @@ class FewShotMethod(abc.ABC):
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return self.decision_scores(features).argmax(dim=1)
+
+    def bind_backbone(self, backbone: Any, pixels: Callable[..., torch.Tensor] | None = None) -> "FewShotMethod":
+        """Give a tower method the backbone it trains in (not saved with the method: only what it learns is).
+        ``pixels(ids, augment=False)``: preprocessed images of the episode's samples, for image-tower methods."""
+        self._backbone, self._pixels = backbone, pixels
+        return self
+
+    def image_scores(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) preprocessed images -> (N, C) scores; feature methods score the backbone's features."""
+        backbone = getattr(self, "_backbone", None)
+        if backbone is None:
+            raise RuntimeError(f"{type(self).__name__}.image_scores needs bind_backbone(backbone) first")
+        return self.decision_scores(backbone.encode_images(pixels).float())
 
     # ----- save / load contract (see state.py): tensors for safetensors + a JSON-able dict, no pickle -----
 
