@@ -146,6 +146,7 @@ def test_unknown_version_tampering_and_missing_files(fitted, data, tmp_path):
 def test_every_method_round_trips_through_the_folder(name, data, tmp_path, one_thread):
     root, cache = data
     params = {"epochs": 3} if name in ("tip-adapter-f", "xmadapter", "clip-adapter") else {}
+    params = {"coop": {"epochs": 3}, "cocoop": {"epochs": 1}, "clip-lora": {"iterations": 5}}.get(name, params)
     clf = FewShotClassifier(backbone="tiny:clip", method=name, shots=2, seed=0, cache_dir=cache, device="cpu",
                             augment_views=2, **params).fit(root)
     loaded = FewShotClassifier.load(clf.save(tmp_path / name), device="cpu", cache_dir=cache)

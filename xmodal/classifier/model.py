@@ -120,11 +120,16 @@ class FewShotClassifier:
 
         def make_method() -> Any:
             try:
-                return create_method(self.method, seed=self.seed, device=device,
+                made = create_method(self.method, seed=self.seed, device=device,
                                      logit_scale=float(getattr(bb, "logit_scale", 100.0)), **self.method_params)
             except TypeError as exc:
                 raise UsageError(f"bad parameter for method {self.method!r}: {exc}",
                                  hint="check the method's parameters in docs/fewshot.md") from None
+            if made.needs_backbone:  # tower methods (CoOp, CoCoOp, CLIP-LoRA) train inside the backbone
+                from ..fewshot.pixels import PixelSource
+
+                made.bind_backbone(bb, PixelSource(dataset, bb, self.seed) if made.needs_images else None)
+            return made
 
         method = make_method()  # a bad parameter is reported before any feature is extracted
         if split.val:
@@ -132,7 +137,9 @@ class FewShotClassifier:
             torch.manual_seed(self.seed)  # as the harness does before every fit
             method.fit(support, val, text.clone())
             with torch.no_grad():
-                held_probs = method.decision_scores(val.features.clone()).float().softmax(-1).cpu()
+                from ..fewshot.pixels import set_scores
+
+                held_probs = set_scores(method, val).float().softmax(-1).cpu()
             held_labels, n_held, selection = val.labels.cpu(), len(val), "validation set"
         else:  # no image left for validation: k-fold cross-validation over the support images
             from .crossfit import fit_crossfitted
@@ -187,8 +194,10 @@ class FewShotClassifier:
         bb = self.backbone_
         pixels = torch.stack([bb.preprocess(img) for img in images]).to(bb.device)
         pixels = pixels.contiguous(memory_format=torch.channels_last)  # as the feature extractor runs it
-        feats = bb.encode_images(pixels).float()
-        scores = self.method_.decision_scores(feats)
+        if getattr(self.method_, "needs_images", False):  # an adapted image tower scores the pixels itself
+            scores = self.method_.image_scores(pixels)
+        else:
+            scores = self.method_.decision_scores(bb.encode_images(pixels).float())
         return scores.float().softmax(dim=-1).cpu()
 
     def iter_predict(self, inputs: Any, batch_size: int | None = None,
@@ -336,6 +345,8 @@ class FewShotClassifier:
                                                    "it anyway (predictions are wrong if the embedding spaces differ)")
             warnings.warn(msg + "; loading anyway because force=True", stacklevel=2)
         method = method_from_state(tensors, method_doc["state"], device=dev)
+        if getattr(method, "needs_backbone", False):  # only the adapters were saved: they run in this backbone
+            method.bind_backbone(bb)
         clf = cls(backbone=spec, method=method_doc["name"], shots=info.get("dataset", {}).get("shots"),
                   seed=info.get("dataset", {}).get("seed", 0), cache_dir=cache_dir, device=device,
                   **(method_doc.get("params") or {}))
@@ -377,7 +388,11 @@ def _check_consistent(clf: FewShotClassifier, bb: Any, folder: Any) -> None:
     probe[0, 0] = 1.0
     try:
         with torch.no_grad():
-            scores = clf.method_.decision_scores(probe.to(_resolve_device(clf.device)))
+            if getattr(clf.method_, "needs_images", False):
+                size = int(getattr(bb, "image_size", 224))
+                scores = clf.method_.image_scores(torch.zeros(1, 3, size, size, device=bb.device))
+            else:
+                scores = clf.method_.decision_scores(probe.to(_resolve_device(clf.device)))
     except (XmodalError, RuntimeError) as exc:
         raise InputError(f"{folder}: the saved method does not accept {bb.spec} features: {exc}",
                          hint="load it with the backbone it was fitted with") from None

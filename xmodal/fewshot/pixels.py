@@ -46,3 +46,13 @@ def predict_ids(method: Any, ids: list[str], chunk: int = 256) -> torch.Tensor:
     out = [method.image_scores(method._pixels(ids[i:i + chunk])).argmax(dim=1).cpu()
            for i in range(0, len(ids), chunk)]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def set_scores(method: Any, fs: Any, chunk: int = 256) -> torch.Tensor:
+    """(N, C) scores of a fitted method for the samples of a FeatureSet: from the cached features, or — for
+    an image-tower method — from the images themselves (through its bound pixel source)."""
+    if not getattr(method, "needs_images", False):
+        return method.decision_scores(fs.features.clone())
+    ids = list(fs.ids)
+    out = [method.image_scores(method._pixels(ids[i:i + chunk])).cpu() for i in range(0, len(ids), chunk)]
+    return torch.cat(out) if out else torch.empty(0, fs.num_classes)
