@@ -20,7 +20,31 @@ from xmodal.fewshot import create_method
 from xmodal.fewshot._synthetic import make_task
 
 FAST = {"tip-adapter-f": {"epochs": 3}, "xmadapter": {"epochs": 3}, "clip-adapter": {"epochs": 3},
-        "ape-t": {"epochs": 3}, "lp++": {"epochs": 20}}
+        "ape-t": {"epochs": 3}, "lp++": {"epochs": 20}, "coop": {"epochs": 2}, "cocoop": {"epochs": 1},
+        "clip-lora": {"iterations": 3}}
+FEATURE_METHODS = [m for m in available_methods() if not getattr(create_method(m), "needs_backbone", False)]
+
+
+def _spy_on_fit(name: str, monkeypatch) -> list[tuple[set, set]]:
+    """Record (training ids, validation ids) of every fit of method ``name``'s class."""
+    seen: list[tuple[set, set]] = []
+    klass = type(create_method(name))
+    original = klass.fit
+
+    def spy(self, train, val, text_classifier):
+        seen.append((set(train.ids), set(val.ids)))
+        assert val.views is None  # validation images are scored as they are, like a real val set
+        return original(self, train, val, text_classifier)
+
+    monkeypatch.setattr(klass, "fit", spy)
+    return seen
+
+
+def _assert_folds_never_train_their_selection(seen, folds, support_ids) -> None:
+    assert len(seen) == len(folds)
+    for (train_ids, val_ids), fold in zip(seen, folds):
+        assert val_ids == set(fold) and not train_ids & val_ids
+        assert train_ids | val_ids == set(support_ids)
 
 
 @pytest.fixture(scope="module")
@@ -48,28 +72,16 @@ def test_one_image_in_a_class_is_a_clear_error(task):
     assert "add images" in err.value.hint
 
 
-@pytest.mark.parametrize("name", available_methods())
+@pytest.mark.parametrize("name", FEATURE_METHODS)  # tower methods need a backbone: the classifier test below
 def test_every_method_cross_fits_without_training_on_its_validation_fold(name, task, one_thread, monkeypatch):
     support, _, test, text = task
-    seen: list[tuple[set, set]] = []
-    klass = type(create_method(name))
-    original = klass.fit
-
-    def spy(self, train, val, text_classifier):
-        seen.append((set(train.ids), set(val.ids)))
-        assert val.views is None  # validation images are scored as they are, like a real val set
-        return original(self, train, val, text_classifier)
-
-    monkeypatch.setattr(klass, "fit", spy)
+    seen = _spy_on_fit(name, monkeypatch)
     members, oof_probs, oof_labels = fit_crossfitted(lambda: create_method(name, seed=0, **FAST.get(name, {})),
                                                      support, text, seed=0)
     monkeypatch.undo()
     folds = members.folds
-    outer = seen
-    assert len(outer) == len(folds) == len(members.members)
-    for (train_ids, val_ids), fold in zip(outer, folds):
-        assert val_ids == set(fold) and not train_ids & val_ids
-        assert train_ids | val_ids == set(support.ids)
+    assert len(members.members) == 4
+    _assert_folds_never_train_their_selection(seen, folds, support.ids)
     assert oof_probs.shape == (len(set(support.ids)), 3) and torch.allclose(oof_probs.sum(1), torch.ones(12))
     assert members.selected_["selection"] == "k-fold CV over support, k=4"
     assert len(members.selected_["per_fold"]) == 4
@@ -81,6 +93,31 @@ def test_every_method_cross_fits_without_training_on_its_validation_fold(name, t
     loaded = method_from_state(dict(tensors), json.loads(json.dumps(meta, allow_nan=False)))
     assert isinstance(loaded, CrossFitted) and loaded.name == name
     assert float((loaded.decision_scores(test.features) - scores).abs().max()) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def k_folder(tmp_path_factory):
+    from xmodal.bench.testing import make_tiny_imagefolder
+
+    base = tmp_path_factory.mktemp("kfold")
+    return make_tiny_imagefolder(base / "imgs", classes=3, train=4, test=2), base / "cache"
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_every_registered_method_fits_k_images_without_val_through_the_classifier(name, k_folder, tmp_path,
+                                                                                    monkeypatch, one_thread):
+    root, cache = k_folder
+    seen = _spy_on_fit(name, monkeypatch)
+    clf = FewShotClassifier(backbone="tiny:clip", method=name, shots=4, seed=0, cache_dir=cache, device="cpu",
+                            augment_views=1, **FAST.get(name, {})).fit(root)
+    monkeypatch.undo()
+    assert clf.selection_ == "k-fold CV over support, k=4"
+    ids = [i for fold in clf.method_.folds for i in fold]
+    _assert_folds_never_train_their_selection(seen, clf.method_.folds, ids)
+    loaded = FewShotClassifier.load(clf.save(tmp_path / name), device="cpu", cache_dir=cache)
+    x = str(root / "test")
+    assert float((loaded.predict_proba(x) - clf.predict_proba(x)).abs().max()) <= 1e-5
+    assert loaded.card()["method"] == name and loaded.card()["selection"] == clf.selection_
 
 
 def test_k_images_per_class_and_no_val_folder_uses_all_k(tmp_path, one_thread):

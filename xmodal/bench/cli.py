@@ -31,13 +31,6 @@ def _ints(value: str, name: str) -> list[int]:
     return out
 
 
-def _fmt_hparams(hp: dict[str, Any]) -> str:
-    def f(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    return ", ".join(f"{k}={f(v)}" for k, v in hp.items()) or "–"
-
-
 def _stderr_console():
     from rich.console import Console
 
@@ -91,7 +84,7 @@ def fewshot_command(
     bank = FeatureBank(bb, ds, augment_views=augment_views, augment_scope=augment_scope, cache_dir=cache_dir,
                        device=dev, batch_size=batch_size, num_workers=num_workers, progress=True,
                        skip_corrupt=skip_corrupt, dtype=None if dtype == "fp32" else dtype)
-    rows = run_episode(bank, shots, seed, names, backbone_spec=backbone, dataset_spec=data, device=dev)
+    rows = run_episode(bank, shots, seed, names, backbone_spec=backbone, dataset_spec=data, device=dev, progress=True)
     context_keys = ("backbone", "backbone_name", "backbone_fingerprint", "stand_in", "dataset", "dataset_name",
                     "num_classes", "shots", "seed", "templates", "val_rule", "n_support", "n_val", "n_test",
                     "augment_views", "augment_scope", "device", "xmodal_version", "git_commit", "git_dirty")
@@ -108,10 +101,19 @@ def fewshot_command(
     table.add_column("top-1 (%)", justify="right")
     table.add_column("hyper-parameters (chosen on val)")
     table.add_column("fit (s)", justify="right")
-    for r in rows:
-        table.add_row(r["method"], f"{r['top1']:.2f}", _fmt_hparams(r["hparams"]), f"{r['fit_time_s']:.2f}")
+    from ..fewshot.selection import became, chosen_settings, fixed_settings, format_settings
+
+    for r in rows:  # chosen settings only; curves stay in the JSON rows, fixed settings are listed once below
+        chosen = format_settings({k: v for k, v in chosen_settings(r["hparams"]).items() if k != "kept"})
+        turned = became(r["method"], r["hparams"])
+        table.add_row(r["method"], f"{r['top1']:.2f}", chosen + (f" → {turned}" if turned else ""),
+                      f"{r['fit_time_s']:.2f}")
     console = Console()
     console.print(table)
+    for r in rows:
+        fixed = fixed_settings(r["hparams"])
+        if fixed:
+            console.print(f"fixed {r['method']}: {format_settings(fixed)}", highlight=False)
     console.print(f"test: {context['n_test']} images · support: {context['n_support']} · val: {context['n_val']} "
                   f"({context['val_rule']}) · fingerprint {context['backbone_fingerprint']} · "
                   f"xmodal {context['xmodal_version']} @ {context['git_commit'][:12]}", highlight=False)

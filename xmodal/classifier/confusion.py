@@ -8,8 +8,10 @@ import torch
 from ..cache import atomic_path
 
 
-def write_confusion_png(matrix: torch.Tensor, classes: list[str], path: str | Path, dpi: int = 110) -> Path:
-    """Rows: true class, columns: predicted class; cells coloured by row-normalised rate, labelled with counts."""
+def write_confusion_png(matrix: torch.Tensor, classes: list[str], path: str | Path, dpi: int = 110,
+                        title: str | None = None) -> Path:
+    """Rows: true class, columns: predicted class; cells coloured by row-normalised rate, labelled with counts.
+    ``title`` (which model, on which images) heads the figure, so a PNG found later says what it shows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -38,7 +40,12 @@ def write_confusion_png(matrix: torch.Tensor, classes: list[str], path: str | Pa
                     ax.text(j, i, str(n), ha="center", va="center", fontsize=fontsize,
                             color="white" if rates[i, j] > 0.5 else "black")
     total = int(matrix.sum())
-    ax.set_title(f"top-1 {100 * int(matrix.trace()) / max(total, 1):.2f}% on {total} images")
+    score = f"top-1 {100 * int(matrix.trace()) / max(total, 1):.2f}% on {total} images"
+    if title:
+        import textwrap
+
+        title = textwrap.fill(title, width=max(40, int(9 * side)))
+    ax.set_title(f"{title}\n{score}" if title else score, fontsize=9 if title else None)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

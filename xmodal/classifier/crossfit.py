@@ -21,6 +21,7 @@ import torch
 from ..errors import DatasetError
 from ..featureset import FeatureSet
 from ..fewshot.base import FewShotMethod
+from ..fewshot.pixels import set_scores
 
 MAX_FOLDS = 4  # the harness validates on min(K, 4) images per class; 4 folds hold out K/4 per class
 
@@ -81,6 +82,8 @@ class CrossFitted:
         self.folds = folds
         self.name = members[0].name
         self.training_free = bool(getattr(members[0], "training_free", True))
+        self.needs_backbone = bool(getattr(members[0], "needs_backbone", False))
+        self.needs_images = bool(getattr(members[0], "needs_images", False))
         self.selected_ = {"selection": f"k-fold CV over support, k={len(folds)}", "k": len(folds),
                           "per_fold": [dict(m.selected_) for m in members]}
 
@@ -94,6 +97,17 @@ class CrossFitted:
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return self.decision_scores(features).argmax(dim=1)
+
+    def bind_backbone(self, backbone: Any, pixels: Any = None) -> "CrossFitted":
+        """Hand every member the backbone (tower methods need it after loading)."""
+        for member in self.members:
+            member.bind_backbone(backbone, pixels)
+        return self
+
+    def image_scores(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image-tower methods: the log of the members' mean probabilities on preprocessed images."""
+        probs = torch.stack([m.image_scores(pixels).float().softmax(-1) for m in self.members]).mean(0)
+        return probs.clamp_min(1e-30).log()
 
     def get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors: dict[str, torch.Tensor] = {}
@@ -139,8 +153,8 @@ def fit_crossfitted(make_method: Callable[[], FewShotMethod], support: FeatureSe
         method = make_method()
         torch.manual_seed(seed)  # as the harness does before every fit
         method.fit(train, val, text_classifier.clone())
-        with torch.no_grad():
-            oof_probs.append(method.decision_scores(val.features.clone()).float().softmax(-1).cpu())
+        with torch.no_grad():  # features, or the images themselves for an image-tower method
+            oof_probs.append(set_scores(method, val).float().softmax(-1).cpu())
         oof_labels.append(val.labels.cpu())
         members.append(method)
     return CrossFitted(members, folds), torch.cat(oof_probs), torch.cat(oof_labels)

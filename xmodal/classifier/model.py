@@ -365,10 +365,16 @@ class FewShotClassifier:
     def card(self) -> dict[str, Any]:
         """What a service shows about the model: method, backbone (and whether it is a stand-in), classes,
         validation accuracy, when it was made."""
+        from ..fewshot.selection import became, summary_line
+
         self._require_fitted()
         bb = self.backbone_
         ds = self.info_.get("dataset", {})
-        return {"method": self.method_.name, "backbone": bb.spec, "backbone_name": bb.name,
+        turned = became(self.method_.name, self.selected_)
+        return {"method": self.method_.name,
+                "method_label": f"{self.method_.name} → {turned}" if turned else self.method_.name,
+                "became": turned, "chosen": summary_line(self.method_.name, self.selected_),
+                "backbone": bb.spec, "backbone_name": bb.name,
                 "backbone_fingerprint": bb.fingerprint(), "stand_in": bool(bb.is_stand_in),
                 "classes": list(self.classes_), "num_classes": len(self.classes_),
                 "validation_accuracy": self.val_accuracy_, "validation_note": "chosen on these images; optimistic",

@@ -15,7 +15,7 @@ import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Protocol, Sequence
+from typing import Any, AsyncIterator, Optional, Protocol, Sequence
 
 import torch
 from fastapi import Depends, FastAPI, Query, Request
@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
+from ..classifier.abstain import UNKNOWN
 from .batcher import MicroBatcher, QueueFullError
 from .card import model_card
 from .docs import install_docs
@@ -71,7 +72,7 @@ class ModelState:
     @property
     def model_name(self) -> str:
         flag = " (offline stand-in, not CLIP)" if self.card.stand_in else ""
-        return f"{self.card.method} on {self.card.backbone}{flag}"
+        return f"{self.card.method_label or self.card.method} on {self.card.backbone}{flag}"
 
 
 def get_state(request: Request) -> ModelState:
@@ -151,6 +152,9 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
               dependencies=[Depends(require_token)], responses=error_responses, openapi_extra=_CLASSIFY_BODY)
     async def classify(request: Request,
                        top_k: int = Query(5, ge=1, le=1000, description="How many classes to return per image."),
+                       min_score: Optional[float] = Query(None, ge=0.0, le=1.0, description=(
+                           "Label an image 'unknown' when its top probability is below this; the model card's "
+                           "details.abstain.min_score is a threshold chosen on held-out images at fit time.")),
                        st: ModelState = Depends(get_state)) -> ClassifyResponse:
         """Classify one or more images: multipart field ``file`` (repeat it for several), or a raw ``image/*`` body."""
         uploads = await _read_uploads(request, st.settings.limits)
@@ -164,7 +168,8 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
         for i, ((name, _), row) in enumerate(zip(uploads, rows)):
             scores, idx = torch.topk(row, k)
             top = [LabelScore(label=st.card.classes[j], score=float(s)) for s, j in zip(scores.tolist(), idx.tolist())]
-            results.append(ImageResult(index=i, filename=name, label=top[0].label, score=top[0].score, top_k=top))
+            label = UNKNOWN if min_score is not None and top[0].score < min_score else top[0].label
+            results.append(ImageResult(index=i, filename=name, label=label, score=top[0].score, top_k=top))
         return ClassifyResponse(model=st.model_name, results=results)
 
     return app

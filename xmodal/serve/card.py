@@ -7,6 +7,8 @@ from .schemas import ModelCard
 
 _FIELDS = {  # card field -> keys the classifier's card may use for it, first match wins
     "method": ("method",),
+    "method_label": ("method_label",),
+    "selection": ("selection",),
     "backbone": ("backbone", "backbone_spec"),
     "stand_in": ("stand_in", "is_stand_in", "backbone_stand_in"),
     "classes": ("classes", "class_names", "classnames"),

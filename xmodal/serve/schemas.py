@@ -14,7 +14,7 @@ class LabelScore(BaseModel):
 class ImageResult(BaseModel):
     index: int = Field(description="Position of the image in the request (0-based).")
     filename: Optional[str] = Field(None, description="The upload's file name, when the client sent one.")
-    label: str = Field(description="Most probable class.")
+    label: str = Field(description="Most probable class, or 'unknown' when its probability is below min_score.")
     score: float = Field(description="Its probability.")
     top_k: list[LabelScore] = Field(description="The k most probable classes, most probable first.")
 
@@ -30,6 +30,10 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     method: str
+    method_label: Optional[str] = Field(None, description="The method and what it became, e.g. 'xmadapter → kept "
+                                                          "Tip-Adapter-F stage (sign test p = 0.75)'.")
+    selection: Optional[str] = Field(None, description="How hyper-parameters were chosen: 'validation set' or "
+                                                       "'k-fold CV over support, k=...'.")
     backbone: str
     stand_in: bool = Field(description="True when the backbone is an offline stand-in, not a real CLIP.")
     classes: list[str]
