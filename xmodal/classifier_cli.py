@@ -59,7 +59,7 @@ def fit_command(
 
     clf = FewShotClassifier(backbone=backbone, method=method, shots=shots, seed=seed, cache_dir=cache_dir,
                             device=device, augment_views=augment_views, batch_size=batch_size,
-                            num_workers=num_workers, progress=not as_json and sys.stderr.isatty(),
+                            num_workers=num_workers, progress=not as_json,
                             abstain_target=abstain_target,
                             **_method_params(param))
     clf.fit(data)
@@ -192,11 +192,10 @@ def predict_command(
     correct: list[bool] = []
     unknown = n_errors = n_rows = 0
     index = {c: i for i, c in enumerate(clf.classes_)}
-    from tqdm.auto import tqdm
+    from .progress import Progress
 
-    # a progress bar only where it cannot mix with the rows: stderr a terminal, rows not going to that terminal
-    bar = tqdm(total=len(files), unit="img", desc="predict", leave=False,
-               disable=not (sys.stderr.isatty() and (as_json or not sys.stdout.isatty())))
+    # progress only where it cannot mix with the rows: not when the rows go to the terminal stderr shares
+    bar = Progress(len(files), "predict", unit="img", enabled=as_json or not sys.stdout.isatty())
     for p in clf.iter_predict(files, batch_size=batch_size, skip_corrupt=skip_corrupt):
         n_rows += 1
         bar.update(1)

@@ -21,7 +21,6 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from .cache import DEFAULT_CACHE_DIR, atomic_path, stable_hash
 from .data.base import ImageDataset, Sample
@@ -30,6 +29,7 @@ from .encoders.transforms import describe
 from .errors import CorruptImageError, DatasetError, ResourceError, UsageError
 from .featureset import FeatureSet
 from .jsonio import dumps, plain
+from .progress import Progress
 from .shards import Shard, current_shard, launched_world
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -174,7 +174,7 @@ def _run_tower(backbone: VisionLanguageBackbone, dataset: ImageDataset, samples:
     outputs: list[torch.Tensor] = []
     skipped: list[str] = []
     fidelity: dict = {}
-    bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not opts.progress, leave=False)
+    bar = Progress(len(samples), desc, unit="img", enabled=opts.progress)
     with torch.inference_mode():
         for idx, pixels, errors in loader:
             skipped.extend(errors)
@@ -437,8 +437,8 @@ def _calibration_id(calib: list[Sample]) -> str:
 def _report_fidelity(info: dict, what: str, progress: bool) -> None:
     fid = info.get("fidelity")
     if fid and progress:
-        tqdm.write(f"{what}: {info.get('engine')} vs exact fp32 on {fid['n']} images: cosine mean "
-                   f"{fid['cos_mean']:.5f} / min {fid['cos_min']:.5f}", file=sys.stderr)
+        sys.stderr.write(f"{what}: {info.get('engine')} vs exact fp32 on {fid['n']} images: cosine mean "
+                         f"{fid['cos_mean']:.5f} / min {fid['cos_min']:.5f}\n")
 
 
 def extract_features(backbone: VisionLanguageBackbone, dataset: ImageDataset, split: str, *,

@@ -1,20 +1,27 @@
-"""Experiment harness: few-shot episodes, resumable sweeps, result store, tables and plots."""
-from .run import AUGMENT_SCOPES, ROW_FIELDS, FeatureBank, ProtocolError, UnknownMethodError, resolve_methods, run_episode
-from .store import ResultStore, read_rows, row_key
-from .table import markdown_table, summarize
+"""Experiment harness: few-shot episodes, resumable sweeps, result store, tables and plots.
 
-__all__ = ["AUGMENT_SCOPES", "ROW_FIELDS", "FeatureBank", "ProtocolError", "ResultStore", "UnknownMethodError", "markdown_table",
-           "read_rows", "resolve_methods", "row_key", "run_episode", "run_sweep", "summarize",
-           "plot_accuracy_vs_shots"]
+Names are imported on first use, so the ``xmodal`` command can register ``fewshot``/``bench`` (and print
+their ``--help``) without importing torch, matplotlib or tqdm.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "AUGMENT_SCOPES": ".run", "ROW_FIELDS": ".run", "FeatureBank": ".run", "ProtocolError": ".run",
+    "UnknownMethodError": ".run", "resolve_methods": ".run", "run_episode": ".run",
+    "ResultStore": ".store", "read_rows": ".store", "row_key": ".store",
+    "markdown_table": ".table", "summarize": ".table",
+    "run_sweep": ".sweep", "plot_accuracy_vs_shots": ".plot",
+}
+
+__all__ = sorted(_LAZY)
 
 
-def __getattr__(name):  # sweep/plot import matplotlib & tqdm lazily
-    if name == "run_sweep":
-        from .sweep import run_sweep
-
-        return run_sweep
-    if name == "plot_accuracy_vs_shots":
-        from .plot import plot_accuracy_vs_shots
-
-        return plot_accuracy_vs_shots
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'xmodal.bench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -31,6 +31,7 @@ from ..feature_bank import (AUGMENT_SCOPES, FeatureBank, _default_extract, _defa
                            fixed_test_subset)
 from ..featureset import FeatureSet
 from ..jsonio import plain
+from ..progress import Progress, epoch_reporter
 from .provenance import git_commit, git_dirty, method_config, utc_timestamp, xmodal_version
 
 ROW_SCHEMA = 1
@@ -187,11 +188,13 @@ def run_episode(bank: FeatureBank, shots: int, seed: int, methods: str | Sequenc
                 skip: Callable[[str], bool] | None = None,
                 on_row: Callable[[dict[str, Any]], None] | None = None,
                 device: str | None = None, logit_scale: float | None = None,
-                split_fn: Callable[[Any, int, int], Any] = _default_split) -> list[dict[str, Any]]:
+                split_fn: Callable[[Any, int, int], Any] = _default_split,
+                progress: bool = False) -> list[dict[str, Any]]:
     """Run ``methods`` on one episode; returns the rows (each also handed to ``on_row`` as soon as done).
 
     ``skip(method_name)`` -> True leaves a method out (a resumed sweep's finished rows). When every
-    method is skipped no feature is touched.
+    method is skipped no feature is touched. ``progress``: one step per method fit and, for trained methods,
+    one per epoch, on stderr (``xmodal.progress``).
     """
     names = resolve_methods(methods)
     todo = [m for m in names if not (skip and skip(m))]
@@ -202,19 +205,26 @@ def run_episode(bank: FeatureBank, shots: int, seed: int, methods: str | Sequenc
     context = episode.context(bank, device if device is not None else bank.device)
     scale = float(logit_scale if logit_scale is not None else getattr(bank.backbone, "logit_scale", 100.0))
     rows = []
-    for name in todo:
-        start = time.perf_counter()
-        method = create_method(name, seed=seed, device=device or bank.device or "cpu", logit_scale=scale)
-        if method.needs_backbone:  # tower methods train inside the backbone's towers (and on the images)
-            from ..fewshot.pixels import PixelSource
+    with Progress(len(todo), f"{shots}-shot seed {seed}", unit="method", enabled=progress) as bar:
+        for name in todo:
+            start = time.perf_counter()
+            method = create_method(name, seed=seed, device=device or bank.device or "cpu", logit_scale=scale)
+            if method.needs_backbone:  # tower methods train inside the backbone's towers (and on the images)
+                from ..fewshot.pixels import PixelSource
 
-            method.bind_backbone(bank.backbone, PixelSource(bank.dataset, bank.backbone, seed)
-                                 if method.needs_images else None)
-        config = method_config(method)
-        result = evaluate_method(method, episode)
-        row = {**context, **result, "method_config": config, "wall_time_s": round(time.perf_counter() - start, 4),
-               "timestamp": utc_timestamp()}
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
+                method.bind_backbone(bank.backbone, PixelSource(bank.dataset, bank.backbone, seed)
+                                     if method.needs_images else None)
+            config = method_config(method)
+            method.on_epoch, close_epochs = epoch_reporter(f"fit {name}", enabled=progress)
+            try:
+                result = evaluate_method(method, episode)
+            finally:
+                close_epochs()
+                method.on_epoch = None
+            row = {**context, **result, "method_config": config,
+                   "wall_time_s": round(time.perf_counter() - start, 4), "timestamp": utc_timestamp()}
+            rows.append(row)
+            bar.update(1, note=f"{name} {result['top1']:.2f}% in {result['fit_time_s']:.1f} s")
+            if on_row is not None:
+                on_row(row)
     return rows

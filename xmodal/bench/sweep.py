@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, Callable, Sequence
 from ..errors import InputError, UsageError
 from ..fewshot.base import create_method
 from ..jsonio import dumps
+from ..progress import Progress
 from .plot import plot_accuracy_vs_shots
 from .provenance import (describe_identity_change, git_commit, method_config, result_identity, utc_timestamp,
                          xmodal_version)
@@ -202,7 +202,7 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
             "cache_dir": str(cache_dir), "device": device, "xmodal_version": xmodal_version(),
             "git_commit": git_commit(), "updated": utc_timestamp(),
         })
-        bar = _progress(total=len(grid), initial=len(grid) - len(todo), enabled=progress)
+        bar = Progress(len(grid), "bench", unit="episode", initial=len(grid) - len(todo), enabled=progress)
         try:
             for dataset, d_spec in zip(data_l, data_specs):
                 episodes = [(k, s) for (d, k, s) in todo if d == d_spec]
@@ -220,7 +220,6 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
                     bank.use_view_samples(x for k in shots_l for s in seeds_l for sp in [split_fn(dataset, k, s)]
                                           for x in (sp.support if augment_views > 0 else sp.support + sp.val))
                 for k, s in episodes:
-                    bar.set_description(f"{d_spec} {k}-shot seed {s}")
 
                     def record(row: dict[str, Any], ident: dict[str, Any] = ident) -> None:
                         nonlocal n_new
@@ -232,8 +231,8 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
 
                     run_episode(bank, k, s, names, backbone_spec=backbone_spec, dataset_spec=d_spec,
                                 skip=lambda m, k=k, s=s, d=d_spec: store.has(key(m, d, k, s)),
-                                on_row=record, device=device, split_fn=split_fn)
-                    bar.update(1)
+                                on_row=record, device=device, split_fn=split_fn, progress=progress)
+                    bar.update(1, note=f"{d_spec} {k}-shot seed {s}")
                 del bank
         finally:
             bar.close()
@@ -253,13 +252,6 @@ def run_sweep(backbone: Any, datasets: Sequence[Any] | str, shots: Sequence[int]
     return SweepResult(out_dir=out, results_path=store.path, table_path=table_path, plot_path=plot_path,
                        rows=rows, new_rows=n_new, skipped_rows=n_skipped, table=table,
                        repaired=store.repaired, missing=missing, stale=stale)
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="episode", file=sys.stderr, disable=not enabled,
-                dynamic_ncols=True, leave=True)
 
 
 __all__ = ["run_sweep", "SweepResult", "RESULTS_FILE", "TABLE_FILE", "PLOT_FILE"]

@@ -20,6 +20,7 @@ import torch
 
 from ..features import DEFAULT_CACHE_DIR  # XMODAL_CACHE or .xmodal-cache, like the feature cache
 from ..errors import CacheMismatchError, CorruptImageError, InputError, UsageError, XmodalError
+from ..progress import epoch_reporter
 from .abstain import DEFAULT_TARGET_ACCURACY, UNKNOWN, check_min_score, suggest_min_score
 from .artefact import FORMAT, FORMAT_VERSION, read_artefact, write_artefact
 from .inputs import item_name, normalise_inputs, to_pil
@@ -117,6 +118,7 @@ class FewShotClassifier:
                            cache_dir=str(self.cache_dir), device=device, batch_size=self.batch_size,
                            num_workers=self.num_workers, progress=self.progress)
         text = bank.text_classifier()
+        on_epoch, close_epochs = epoch_reporter(f"fit {self.method}", enabled=self.progress)
 
         def make_method() -> Any:
             try:
@@ -129,6 +131,7 @@ class FewShotClassifier:
                 from ..fewshot.pixels import PixelSource
 
                 made.bind_backbone(bb, PixelSource(dataset, bb, self.seed) if made.needs_images else None)
+            made.on_epoch = on_epoch  # progress per epoch of a trained method (every fold's member too)
             return made
 
         method = make_method()  # a bad parameter is reported before any feature is extracted
@@ -147,6 +150,7 @@ class FewShotClassifier:
             support, _ = bank.fit_sets(split)
             method, held_probs, held_labels = fit_crossfitted(make_method, support, text, self.seed)
             n_held, selection = len(held_labels), method.selection
+        close_epochs()
         self.method_ = method
         self.backbone_ = bb
         self.classes_ = list(dataset.classnames)

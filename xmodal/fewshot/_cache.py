@@ -203,6 +203,7 @@ def train_cache_model(
     weight_decay: float = 0.01,
     eval_fn: EvalFn | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> tuple[int, list[float], list[float]]:
     """Tip-Adapter-F's loop: AdamW + cosine schedule, CE on the fused logits at the given (α, β).
 
@@ -265,6 +266,8 @@ def train_cache_model(
         if better(cur, best):
             best, best_epoch = cur, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if on_epoch is not None:  # progress: (epochs done, total)
+            on_epoch(epoch + 1, epochs)
     model.load_state_dict(best_state)
     model.eval()
     return best_epoch, acc_curve, loss_curve

@@ -129,7 +129,8 @@ class APET(FewShotMethod):
             best_epoch, curve, losses = train_cache_model(
                 self.model_, support, fv, yv, [{"params": list(self.model_.parameters())}],
                 epochs=epochs, lr=self.lr, eps=self.eps, batch_size=self.batch_size, alpha=alpha0, beta=beta0,
-                beta_t=None, seed=self.seed, device=dev, weight_decay=self.weight_decay)
+                beta_t=None, seed=self.seed, device=dev, weight_decay=self.weight_decay,
+                on_epoch=self.on_epoch)
         kept, val_acc, val_loss = "training-free", base_acc, base_loss
         if best_epoch > 0:
             acc = self._search(fv, yv)

@@ -31,6 +31,8 @@ class FewShotMethod(abc.ABC):
     training_free: bool = True
     needs_backbone: bool = False  # tower method: bind_backbone(backbone) before fit and after load
     needs_images: bool = False    # image-tower method: scored on pixels (image_scores), not cached features
+    # progress of a trained method: called with (epochs done, total) after each epoch; set by the caller
+    on_epoch: Callable[[int, int], None] | None = None
 
     def __init__(self, seed: int = 0, device: str = "cpu", logit_scale: float = 100.0) -> None:
         self.seed = seed

@@ -80,6 +80,8 @@ class CLIPAdapter(FewShotMethod):
                 best_acc = torch.where(better, acc, best_acc)
                 best_epoch[better.cpu()] = epoch + 1
                 best_w1[better], best_w2[better] = w1.detach()[better], w2.detach()[better]
+            if self.on_epoch is not None:
+                self.on_epoch(epoch + 1, self.epochs)
         ri = first_best(best_acc)
         self.ratio_ = self.ratios[ri]
         self.w1_, self.w2_ = best_w1[ri:ri + 1], best_w2[ri:ri + 1]

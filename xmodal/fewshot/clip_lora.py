@@ -190,6 +190,8 @@ class ClipLoRA(FewShotMethod):
                 loss_value = total / max(n, 1)
                 cur, text = score()
                 report_epoch(self.name, epoch, epochs, loss_value, cur[0], opt.param_groups[0]["lr"])
+                if self.on_epoch is not None:
+                    self.on_epoch(epoch, epochs)
                 if better(cur, best):
                     best, best_step, best_state, best_text = cur, step, self._adapter_state(towers), text
         self.lora_ = best_state

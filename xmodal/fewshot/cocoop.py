@@ -118,6 +118,8 @@ class CoCoOp(CoOp):
             loss_value = total / max(n, 1)
             cur = score()
             report_epoch(self.name, epoch, epochs, loss_value, cur[0], lr_now)
+            if self.on_epoch is not None:
+                self.on_epoch(epoch, epochs)
             if better(cur, best):
                 best, best_epoch, best_state = cur, epoch, snapshot()
         net.load_state_dict(best_state[1])

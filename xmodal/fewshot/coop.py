@@ -122,6 +122,8 @@ class CoOp(FewShotMethod):
             loss_value = total / max(n, 1)
             cur, text = score()
             report_epoch(self.name, epoch, epochs, loss_value, cur[0], lr_now)
+            if self.on_epoch is not None:
+                self.on_epoch(epoch, epochs)
             if better(cur, best):
                 best, best_epoch, best_ctx, best_text = cur, epoch, ctx.detach().clone(), text
         self.ctx_, self.text_ = best_ctx.to(self.device), best_text.float().to(self.device)

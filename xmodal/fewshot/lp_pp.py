@@ -118,6 +118,8 @@ class LPPlusPlus(FewShotMethod):
                 curve.append(cur[0])
                 if cur[0] > best[0] or (cur[0] == best[0] and cur[1] < best[1]):
                     best, best_epoch, best_state = cur, epoch, snapshot()
+                if self.on_epoch is not None:
+                    self.on_epoch(epoch, self.epochs)
         self.w_, self.b_, self.alpha_ = best_state
         self.selected_ = {"epoch": int(best_epoch), "val_acc": float(best[0]), "val_loss": float(best[1]),
                           "epochs": int(self.epochs), "lr_w": float(lr_w), "lr_alpha": float(lr_alpha),

@@ -56,7 +56,8 @@ class TipAdapterF(_TipSearchMixin, FewShotMethod):
             best_epoch, curve, losses = train_cache_model(
                 self.model_, support, fv, yv, [{"params": [self.model_.keys]}],
                 epochs=epochs, lr=self.lr, eps=self.eps, batch_size=self.batch_size, alpha=alpha0, beta=beta0,
-                beta_t=None, seed=self.seed, device=dev, weight_decay=self.weight_decay)
+                beta_t=None, seed=self.seed, device=dev, weight_decay=self.weight_decay,
+                on_epoch=self.on_epoch)
         kept = "training-free"
         val_acc, val_loss = base_acc, base_loss
         if best_epoch > 0:

@@ -299,7 +299,8 @@ class XMAdapter(_XMBase):
             best_epoch, curve, losses = train_cache_model(
                 m, support, fv, yv, groups, epochs=int(ts["epochs"]), lr=self.lr, eps=self.eps,
                 batch_size=self.batch_size, alpha=alpha1, beta=beta1, beta_t=beta_t, seed=self.seed, device=dev,
-                weight_fn=self._weight_fn(), weight_decay=self.weight_decay, eval_fn=eval_fn)
+                weight_fn=self._weight_fn(), weight_decay=self.weight_decay, eval_fn=eval_fn,
+                on_epoch=self.on_epoch)
         m.eval()
         chosen = self._search(fv, yv)
         logits2 = self._val_logits(fv)
