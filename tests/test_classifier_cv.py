@@ -157,3 +157,28 @@ def test_dataset_errors_come_before_any_backbone_is_built(tmp_path, monkeypatch)
         FewShotClassifier(backbone="tiny:clip", method="tip-adapter", shots=1).fit(root)
     with pytest.raises(Exception, match="no class has 5 training images"):
         FewShotClassifier(backbone="tiny:clip", method="tip-adapter", shots=5).fit(root)
+
+
+def test_cli_fit_with_k_images_per_class_and_shots_k(tmp_path, monkeypatch):
+    """The README flow on K photos per class and no val/: `xmodal fit --shots K` works and says how it chose;
+    a wrong folder is reported before any backbone is built."""
+    from typer.testing import CliRunner
+
+    import xmodal.backbones as backbones
+    from xmodal.bench.testing import make_tiny_imagefolder
+    from xmodal.cli import app
+
+    root = make_tiny_imagefolder(tmp_path / "imgs", classes=3, train=4, test=2)
+    args = ["fit", "--backbone", "tiny:clip", "--data", str(root), "--shots", "4", "--method", "tip-adapter",
+            "--out", str(tmp_path / "m"), "--cache-dir", str(tmp_path / "c"), "--device", "cpu", "--augment-views", "0"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "selection: k-fold CV over support, k=4" in res.stdout and "out-of-fold top-1" in res.stdout
+    doc = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)
+    assert doc["selection"] == "k-fold CV over support, k=4" and doc["n_support"] == 12
+
+    calls: list[str] = []
+    monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: calls.append("built") or 1 / 0)
+    res = CliRunner().invoke(app, ["fit", "--backbone", "tiny:clip", "--data", str(tmp_path / "no-such-folder"),
+                                   "--shots", "16", "--out", str(tmp_path / "m2"), "--json"])
+    assert res.exit_code == 3 and "no-such-folder" in json.loads(res.stdout)["error"] and calls == []
