@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..errors import UsageError
 from ..featureset import FeatureSet
 from ._common import adamw, batches, check_fit_inputs, cpu_generator, require_fitted, seeded
+from ._distributed import shard, sum_gradients
 from ._lora_towers import LoraTowers, lora_towers
 from ._prompts import better, report_epoch, resolve_preset
 from .base import FewShotMethod, register
@@ -173,20 +174,22 @@ class ClipLoRA(FewShotMethod):
                 for idx in batches(len(support), bs, gen):
                     if step >= iters:
                         break
+                    part = shard(idx)  # data parallel: this process's slice, gradients summed below
                     if act_all is None:  # published recipe: a fresh augmentation every iteration
-                        act = self._lower(towers, pixels([support.ids[i] for i in idx.tolist()], view=step + 1))
+                        act = self._lower(towers, pixels([support.ids[i] for i in part.tolist()], view=step + 1))
                     else:
-                        act = act_all[idx]
-                    feats = towers.upper(act.to(act_all.device if act_all is not None else act.device))
+                        act = act_all[part]
+                    feats = towers.upper(act)
                     text = self._text(towers, classnames)
                     logits = self.logit_scale * feats @ text.T
-                    loss = F.cross_entropy(logits, y[idx].to(logits.device))
+                    loss = F.cross_entropy(logits, y[part].to(logits.device), reduction="sum") / len(idx)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    sum_gradients(params)
                     opt.step()
                     sched_lr.step()
                     step += 1
-                    total, n = total + float(loss.detach()) * len(idx), n + len(idx)
+                    total, n = total + float(loss.detach()) * len(idx), n + len(part)
                 loss_value = total / max(n, 1)
                 cur, text = score()
                 report_epoch(self.name, epoch, epochs, loss_value, cur[0], opt.param_groups[0]["lr"])

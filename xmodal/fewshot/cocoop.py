@@ -23,6 +23,7 @@ from torch import nn
 
 from ..featureset import FeatureSet
 from ._common import batches, check_features, check_fit_inputs, cpu_generator, epoch_features, require_fitted
+from ._distributed import shard, sum_gradients
 from ._prompts import PromptTemplate, better, init_context, report_epoch, resolve_preset, sgd_warmup_cosine
 from .base import register
 from .coop import CoOp
@@ -110,11 +111,14 @@ class CoCoOp(CoOp):
             x_all = epoch_features(support, epoch - 1).to(dev)
             total, n = 0.0, 0
             for idx in batches(len(support), bs, gen):
-                loss = F.cross_entropy(self._logits(tower, template, ctx, net, x_all[idx]), y[idx])
+                part = shard(idx)  # data parallel: this process's slice, gradients summed below
+                loss = F.cross_entropy(self._logits(tower, template, ctx, net, x_all[part]), y[part],
+                                       reduction="sum") / len(idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                sum_gradients([ctx, *net.parameters()])
                 opt.step()
-                total, n = total + float(loss.detach()) * len(idx), n + len(idx)
+                total, n = total + float(loss.detach()) * len(idx), n + len(part)
             loss_value = total / max(n, 1)
             cur = score()
             report_epoch(self.name, epoch, epochs, loss_value, cur[0], lr_now)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..featureset import FeatureSet
 from ._common import batches, check_features, check_fit_inputs, cpu_generator, epoch_features, require_fitted
+from ._distributed import shard, sum_gradients
 from ._prompts import PromptTemplate, better, init_context, report_epoch, resolve_preset, sgd_warmup_cosine
 from .base import FewShotMethod, register
 from .towers import TextTower, freeze, text_tower
@@ -112,13 +113,15 @@ class CoOp(FewShotMethod):
             x_all = epoch_features(support, epoch - 1).to(dev)
             total, n = 0.0, 0
             for idx in batches(len(support), bs, gen):
+                part = shard(idx)  # data parallel: this process's slice, gradients summed below
                 text = self._class_text(tower, template, ctx)
-                logits = self.logit_scale * x_all[idx] @ text.T
-                loss = F.cross_entropy(logits, y[idx].to(dev))
+                logits = self.logit_scale * x_all[part] @ text.T
+                loss = F.cross_entropy(logits, y[part].to(dev), reduction="sum") / len(idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                sum_gradients([ctx])
                 opt.step()
-                total, n = total + float(loss.detach()) * len(idx), n + len(idx)
+                total, n = total + float(loss.detach()) * len(idx), n + len(part)
             loss_value = total / max(n, 1)
             cur, text = score()
             report_epoch(self.name, epoch, epochs, loss_value, cur[0], lr_now)
