@@ -93,7 +93,8 @@ def fit_command(
     ab = clf.info_.get("abstain") or {}
     if ab.get("min_score") is not None:
         typer.echo(f"suggested --min-score {ab['min_score']:.4g} ('auto'): {100 * ab['accuracy']:.1f}% top-1 on the "
-                   f"{100 * ab['coverage']:.0f}% of held-out images it keeps (target {100 * ab['target_accuracy']:.0f}%)")
+                   f"{100 * ab['coverage']:.0f}% of held-out images it keeps "
+                   f"(target {100 * ab['target_accuracy']:.0f}%)")
     else:
         typer.echo(f"no --min-score reaches {100 * ab.get('target_accuracy', 0.95):.0f}% top-1 on the held-out images")
     typer.echo(f"saved to {saved}")
@@ -110,7 +111,8 @@ class _Writer:
         if self.fmt == "table":
             typer.echo(f"{'path':{self.width}s}  {'label':20s} {'score':>7s}  top-{self.k}")
         elif self.csv is not None:
-            self.csv.writerow(["path", "label", "score", "top_k", "error"] + (["true", "correct"] if self.truth else []))
+            extra = ["true", "correct"] if self.truth else []
+            self.csv.writerow(["path", "label", "score", "top_k", "error", *extra])
         sys.stdout.flush()
 
     def row(self, row: dict[str, Any]) -> None:

@@ -160,4 +160,5 @@ def fit_crossfitted(make_method: Callable[[], FewShotMethod], support: FeatureSe
     return CrossFitted(members, folds), torch.cat(oof_probs), torch.cat(oof_labels)
 
 
-__all__ = ["CrossFitted", "fit_crossfitted", "folds_for", "method_from_state", "n_folds", "stratified_folds", "MAX_FOLDS"]
+__all__ = ["CrossFitted", "fit_crossfitted", "folds_for", "method_from_state", "n_folds", "stratified_folds",
+           "MAX_FOLDS"]

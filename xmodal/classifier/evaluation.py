@@ -65,7 +65,8 @@ def format_report(report: dict[str, Any], width: int = 20) -> list[str]:
     for r in report["per_class"]:
         lines.append(f"{r['class']:{w}s}  {r['precision']:9.2f}  {r['recall']:7.2f}  {r['f1']:6.2f}  {r['support']:7d}")
     mac = report["macro"]
-    lines.append(f"{'macro (' + str(mac['classes']) + ' classes)':{w}s}  {mac['precision']:9.2f}  {mac['recall']:7.2f}  "
+    label = f"macro ({mac['classes']} classes)"
+    lines.append(f"{label:{w}s}  {mac['precision']:9.2f}  {mac['recall']:7.2f}  "
                  f"{mac['f1']:6.2f}  {report['n']:7d}")
     return lines
 
