@@ -33,3 +33,53 @@ def test_unknown_backbone_kind_is_a_clear_error():
 
     with pytest.raises(UsageError, match="prompt learning is not supported"):
         text_tower(object())
+
+
+class _FakeHFBackbone:
+    """A random tiny Hugging Face CLIPModel with a word-hashing tokenizer: what HFClipBackbone exposes
+    (``model``, ``tokenizer``, ``max_length``, ``device``), without files or downloads."""
+
+    spec = "hf:tiny-random"
+
+    def __init__(self):
+        from transformers import CLIPConfig, CLIPModel
+
+        torch.manual_seed(0)
+        cfg = CLIPConfig(text_config={"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+                                      "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 16,
+                                      "eos_token_id": 99, "bos_token_id": 98, "pad_token_id": 0},
+                         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                        "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                         projection_dim=16)
+        self.model = CLIPModel(cfg).eval().requires_grad_(False)
+        self.max_length, self.device = 16, torch.device("cpu")
+
+    def tokenizer(self, texts, padding=True, truncation=True, max_length=16, return_tensors="pt"):
+        rows = [[98] + [3 + sum(map(ord, w)) % 90 for w in t.lower().split()] + [99] for t in texts]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()}
+
+    def encode_texts(self, texts):
+        enc = self.tokenizer(texts)
+        out = self.model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        return torch.nn.functional.normalize(self.model.text_projection(out.pooler_output), dim=-1)
+
+    def encode_images(self, pixels):
+        out = self.model.vision_model(pixel_values=pixels)
+        return torch.nn.functional.normalize(self.model.visual_projection(out.pooler_output), dim=-1)
+
+    def modules(self):
+        return [self.model]
+
+
+def test_hf_clip_tower_matches_its_text_model_and_lora_targets_every_qkv():
+    from xmodal.fewshot._lora_towers import lora_towers
+
+    bb = _FakeHFBackbone()
+    _check(bb)
+    towers = lora_towers(bb)
+    assert len(towers.image_targets) == len(towers.text_targets) == 2 * 3
+    assert all(t.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj") for t in towers.image_targets)
+    pixels = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(towers.upper(towers.lower(pixels)), bb.encode_images(pixels), atol=1e-5)
