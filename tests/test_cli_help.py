@@ -67,3 +67,33 @@ def test_help_of_every_command_imports_no_torch():
                                        "xmodal.cli imports xmodal.xadapter.cli to register the X-adapter commands")
 def test_help_including_xadapter_commands_imports_no_torch():
     _assert_light(_probe(stub_xadapter=False), {"", "xadapter", "xadapter train", "probe", "glue", "fill-mask"})
+
+
+def test_every_command_a_help_text_names_exists_and_methods_lists_the_method_names():
+    """A help text that sends the user to `xmodal X` must name a command that exists (and answers the question)."""
+    import re
+
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from xmodal.cli import app
+    from xmodal.fewshot import available_methods
+
+    root = get_command(app)
+
+    def walk(cmd, path):
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    named = set()
+    for path, cmd in walk(root, []):
+        texts = [cmd.help or ""] + [getattr(p, "help", "") or "" for p in cmd.params]
+        for text in texts:
+            named.update(re.findall(r"`xmodal ([a-z][\w-]*)", text))
+    assert "methods" in named  # fit --method and fewshot/bench --methods point there
+    missing = sorted(n for n in named if n not in root.commands)
+    assert not missing, f"help texts name commands that do not exist: {missing}"
+    listing = CliRunner().invoke(app, ["methods"])
+    assert listing.exit_code == 0
+    assert {line.split()[0] for line in listing.stdout.splitlines() if line.strip()} == set(available_methods())

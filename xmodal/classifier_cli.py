@@ -38,7 +38,7 @@ def _method_params(pairs: list[str]) -> dict[str, Any]:
 def fit_command(
     data: str = typer.Option(..., "--data", help="dataset spec (imagefolder:PATH, cifar10:PATH ...) or an ImageFolder "
                                                  "folder PATH/train/<class>/*.jpg"),
-    method: str = typer.Option("xmadapter", "--method", help="few-shot method (see `xmodal fewshot --help`)"),
+    method: str = typer.Option("xmadapter", "--method", help="few-shot method (see `xmodal methods`)"),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="backbone spec (see `xmodal backbones`)"),
     shots: Optional[int] = typer.Option(None, "--shots", min=1, help="K images per class (default: every train image)"),
     seed: int = typer.Option(0, "--seed", help="which images are support/validation, and the method's seed"),

@@ -56,6 +56,28 @@ def datasets(as_json: bool = typer.Option(False, "--json", help="Print one JSON 
 
 
 @app.command()
+def methods(as_json: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
+    """List the few-shot methods (the names --method and --methods take)."""
+    import sys as _sys
+
+    from .fewshot import available_methods, create_method
+
+    rows = []
+    for name in available_methods():
+        m = create_method(name)
+        module = _sys.modules[type(m).__module__]
+        summary = ((module.__doc__ or "").strip().splitlines() or [""])[0]
+        rows.append({"name": name, "training_free": bool(m.training_free),
+                     "tower": bool(getattr(m, "needs_backbone", False)), "summary": summary})
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        kind = "training-free" if r["training_free"] else "trained" + (", in the towers" if r["tower"] else "")
+        typer.echo(f"{r['name']:14s} {kind:24s} {r['summary']}")
+
+
+@app.command()
 def features(
     backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone spec (see `xmodal backbones`)."),
     data: str = typer.Option(..., help="Dataset spec (see `xmodal datasets`)."),
