@@ -16,7 +16,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,6 +28,7 @@ from .encoders.base import VisionLanguageBackbone
 from .encoders.transforms import describe
 from .errors import CorruptImageError, DatasetError, ResourceError, UsageError
 from .featureset import FeatureSet
+from .prefetch import auto_decode_threads, prefetched_batches, split_transform
 from .jsonio import dumps, plain
 from .progress import Progress
 from .shards import Shard, current_shard, launched_world
@@ -44,10 +45,11 @@ class ExtractOptions:
     batch_size: int = 64
     device: str | None = None
     dtype: str | torch.dtype | None = None  # fp32 exact; bf16/fp16 autocast on GPU; bf16 compiled or int8 on CPU
-    num_workers: int | None = None  # None: sized to the cores inference leaves
+    num_workers: int | None = None  # loader processes; None: none on CPU, sized to the cores on a GPU
     skip_corrupt: bool = False
     progress: bool = True
     decode: str = "pil"  # "pil" (CPU workers) or "tensor" (torchvision decode on the model's device)
+    decode_threads: int | None = None  # in-process loading: threads preparing the next batches; None: auto
 
 
 class _Rows(Dataset):
@@ -120,17 +122,14 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
 
 
 def auto_workers(n: int, batch_size: int, device: torch.device) -> int:
-    """Loader processes sized to the cores inference leaves: on CPU the tower takes the cores and decode is
-    ~1/8 of the work, so one worker per 8 cores (at least one) overlaps decode with inference; a GPU needs
-    every core but one for decoding. Small jobs stay in-process (forking costs more than it saves)."""
+    """Loader processes: none on CPU, where the tower takes the cores and decoding runs in threads of this
+    process that overlap it (``prefetch``; measured faster than a loader process on a 2-core machine, see
+    docs/speed.md); on a GPU every core but one decodes. Small jobs stay in-process (forking costs more than
+    it saves)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    _, world, _ = launched_world()
-    cores = max(1, cores // max(1, world)) if device.type == "cpu" else cores
-    if n < 2 * batch_size or cores < 2:
+    if device.type != "cuda" or n < 2 * batch_size or cores < 2:
         return 0
-    if device.type == "cuda":
-        return min(16, cores - 1)
-    return max(1, cores // 8)
+    return min(16, cores - 1)
 
 
 def _sample_signature(samples: list[Sample]) -> list:
@@ -165,11 +164,22 @@ def _run_tower(backbone: VisionLanguageBackbone, dataset: ImageDataset, samples:
     elif opts.decode != "pil":
         raise UsageError(f"decode must be 'pil' or 'tensor', got {opts.decode!r}", hint="use decode='pil' or 'tensor'")
     workers = auto_workers(len(samples), opts.batch_size, device) if opts.num_workers is None else opts.num_workers
-    loader = DataLoader(_Rows(dataset, samples, transform, seed, opts.skip_corrupt), batch_size=opts.batch_size,
-                        shuffle=False, num_workers=workers, collate_fn=_collate,
-                        pin_memory=device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=4 if workers else None,
-                        generator=torch.Generator().manual_seed(0))  # its base seed never draws from the caller's RNG
+    loader: Iterable
+    if workers == 0 and transform is not None:  # in-process: decode the next batches while the tower runs
+        threads = opts.decode_threads
+        if threads is None:
+            threads = auto_decode_threads(len(samples), opts.batch_size, launched_world()[1])
+        if seed is not None:  # augmented views seed the global generator per sample: one thread at a time
+            threads = min(threads, 1)
+        per_image, finish = split_transform(transform)
+        rows = _Rows(dataset, samples, per_image, seed, opts.skip_corrupt)
+        loader = prefetched_batches(rows.__getitem__, len(rows), opts.batch_size, threads, finish)
+    else:
+        loader = DataLoader(_Rows(dataset, samples, transform, seed, opts.skip_corrupt), batch_size=opts.batch_size,
+                            shuffle=False, num_workers=workers, collate_fn=_collate,
+                            pin_memory=device.type == "cuda", persistent_workers=False,
+                            prefetch_factor=4 if workers else None,  # its base seed never draws from the caller's RNG:
+                            generator=torch.Generator().manual_seed(0))
     kept: list[int] = []
     outputs: list[torch.Tensor] = []
     skipped: list[str] = []
@@ -446,7 +456,7 @@ def extract_features(backbone: VisionLanguageBackbone, dataset: ImageDataset, sp
                      cache_dir: str | Path = DEFAULT_CACHE_DIR, batch_size: int = 64, device: str | None = None,
                      dtype: str | torch.dtype | None = None, num_workers: int | None = None,
                      skip_corrupt: bool = False, progress: bool = True, decode: str = "pil",
-                     shard: bool | None = None) -> FeatureSet:
+                     shard: bool | None = None, decode_threads: int | None = None) -> FeatureSet:
     """Embeddings of ``samples`` (default: the whole split), plus ``augment_views`` augmented views.
 
     Eval features use ``backbone.preprocess``; views use ``backbone.augment_preprocess()`` with a seed per
@@ -455,11 +465,14 @@ def extract_features(backbone: VisionLanguageBackbone, dataset: ImageDataset, sp
     for the eval features; it is a distinct preprocessing pipeline with its own cache key.
     ``dtype``: fp32 (exact, default), bf16 (GPU autocast; on CPU autocast + torch.compile), fp16 (GPU),
     int8 (CPU, ONNX Runtime static QDQ with the first layers in fp32); the reduced modes have their own
-    cache keys and record their fidelity against fp32. ``num_workers=None`` sizes the loader to the cores
-    left by inference. Under ``accelerate launch`` / ``torchrun`` each rank embeds a shard and rank 0
+    cache keys and record their fidelity against fp32. ``num_workers``: loader processes (``None``: none on
+    CPU, every core but one on a GPU); without them, ``decode_threads`` threads (``None``: one per 8 cores
+    when there is more than one batch) decode the next batches while the tower runs, 0 decodes between tower
+    calls. Neither changes a number. Under ``accelerate launch`` / ``torchrun`` each rank embeds a shard and rank 0
     merges them (``shard=False`` turns that off).
     """
-    opts = ExtractOptions(cache_dir, batch_size, device, dtype, num_workers, skip_corrupt, progress, decode)
+    opts = ExtractOptions(cache_dir, batch_size, device, dtype, num_workers, skip_corrupt, progress, decode,
+                          decode_threads)
     ranks = current_shard(shard)
     if device is not None:
         backbone.to(device)
@@ -518,10 +531,12 @@ def extract_tokens(backbone: VisionLanguageBackbone, dataset: ImageDataset, spli
                    samples: list[Sample] | None = None, cache_dir: str | Path = DEFAULT_CACHE_DIR,
                    batch_size: int = 64, device: str | None = None, dtype: str | torch.dtype | None = None,
                    num_workers: int | None = None, skip_corrupt: bool = False, progress: bool = True,
-                   token_dtype: torch.dtype = torch.float16, shard: bool | None = None) -> tuple[list[str], torch.Tensor]:
+                   token_dtype: torch.dtype = torch.float16, shard: bool | None = None,
+                   decode_threads: int | None = None) -> tuple[list[str], torch.Tensor]:
     """Patch/spatial tokens (N, T, token_dim) of ``samples`` (for the X-adapter V-expert), cached; sharded
     under a multi-process launcher like `extract_features`."""
-    opts = ExtractOptions(cache_dir, batch_size, device, dtype, num_workers, skip_corrupt, progress)
+    opts = ExtractOptions(cache_dir, batch_size, device, dtype, num_workers, skip_corrupt, progress,
+                          decode_threads=decode_threads)
     ranks = current_shard(shard)
     if device is not None:
         backbone.to(device)

@@ -22,12 +22,13 @@ ROOT = "xmodal"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("xmodal.errors", "xmodal.cache", "xmodal.filemode", "xmodal.jsonio", "xmodal.version",
-              "xmodal.featureset", "xmodal.shards", "xmodal.extras", "xmodal.layers")),
+              "xmodal.featureset", "xmodal.shards", "xmodal.extras", "xmodal.progress", "xmodal.layers")),
     ("data", ("xmodal.data",)),
     ("encoders", ("xmodal.encoders",)),
     ("engines", ("xmodal.engines",)),
     ("backbones", ("xmodal.backbones",)),
-    ("features", ("xmodal.features", "xmodal.tensor_decode", "xmodal.zeroshot", "xmodal.feature_bank")),
+    ("features", ("xmodal.features", "xmodal.prefetch", "xmodal.tensor_decode", "xmodal.zeroshot",
+                  "xmodal.feature_bank")),
     ("methods", ("xmodal.fewshot",)),
     ("classifier", ("xmodal.classifier",)),
     ("applications", ("xmodal.bench", "xmodal.serve", "xmodal.xadapter", "xmodal.demo", "xmodal.cli_util")),
