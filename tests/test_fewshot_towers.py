@@ -83,3 +83,24 @@ def test_hf_clip_tower_matches_its_text_model_and_lora_targets_every_qkv():
     assert all(t.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj") for t in towers.image_targets)
     pixels = torch.randn(2, 3, 32, 32)
     assert torch.allclose(towers.upper(towers.lower(pixels)), bb.encode_images(pixels), atol=1e-5)
+
+
+def test_bridge_towers_prompt_encoding_and_lora_split():
+    """The offline default: MiniLM prompt encoding equals encode_texts; CLIP-LoRA adapts MiniLM's q/k/v
+    in all 6 layers and EfficientNet-Lite0's last-two-stage pointwise convolutions + head, and the cached
+    lower part followed by the adapted upper part is the tower's own image embedding."""
+    from xmodal.fewshot._lora_towers import lora_towers
+
+    bb = load_backbone("bridge:lite0-minilm", engine="torch")
+    _check(bb)
+    towers = lora_towers(bb)
+    assert len(towers.text_targets) == 18 and {t.rsplit(".", 1)[-1] for t in towers.text_targets} == {
+        "query", "key", "value"}
+    assert towers.image_targets[-1] == "conv_head"
+    stages = {t.split(".")[1] for t in towers.image_targets[:-1]}
+    assert stages == {"5", "6"} and all(t.endswith(("conv_pw", "conv_pwl")) for t in towers.image_targets[:-1])
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        lower = towers.lower(pixels)
+        assert lower.shape == (2, 112, 14, 14)
+        assert torch.allclose(towers.upper(lower), bb.encode_images(pixels), atol=1e-4)
