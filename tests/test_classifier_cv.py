@@ -182,3 +182,31 @@ def test_cli_fit_with_k_images_per_class_and_shots_k(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["fit", "--backbone", "tiny:clip", "--data", str(tmp_path / "no-such-folder"),
                                    "--shots", "16", "--out", str(tmp_path / "m2"), "--json"])
     assert res.exit_code == 3 and "no-such-folder" in json.loads(res.stdout)["error"] and calls == []
+
+
+def test_dataset_checks_import_no_torch(tmp_path):
+    """`xmodal fit` checks the data with torch-free code before importing the classifier: a fresh interpreter
+    reaches the dataset error without torch in sys.modules (so the error does not wait for it)."""
+    import subprocess
+    import sys
+
+    from xmodal.bench.testing import make_tiny_imagefolder
+
+    one = make_tiny_imagefolder(tmp_path / "one", classes=2, train=1, test=1)
+    code = ("import sys\n"
+            "from xmodal.classifier.plan import plan_split, resolve_dataset\n"
+            "from xmodal.errors import XmodalError\n"
+            "for data, shots in ((sys.argv[1], 16), (sys.argv[2], 1), (sys.argv[2], 5)):\n"
+            "    try:\n"
+            "        plan_split(resolve_dataset(data)[0], shots, 0)\n"
+            "    except XmodalError as exc:\n"
+            "        print(type(exc).__name__, exc)\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope"), str(one)], capture_output=True,
+                         text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stderr
+    assert lines[0].startswith("DatasetError") and "nope" in lines[0]
+    assert lines[1].startswith("DatasetError") and "1 distinct training image" in lines[1]
+    assert lines[2].startswith("UsageError") and "no class has 5 training images" in lines[2]
+    assert lines[3] == "no torch"

@@ -55,6 +55,10 @@ def fit_command(
     as_json: bool = typer.Option(False, "--json", help="print one JSON document"),
 ) -> None:
     """Fit a few-shot classifier (hyper-parameters chosen on validation only) and save it to --out."""
+    from .classifier.plan import plan_split, resolve_dataset
+
+    # the dataset is listed, split and checked before torch and the backbone load: its errors come at once
+    plan_split(resolve_dataset(data)[0], shots, seed)
     from .classifier import FewShotClassifier
 
     clf = FewShotClassifier(backbone=backbone, method=method, shots=shots, seed=seed, cache_dir=cache_dir,

@@ -18,31 +18,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import DatasetError
 from ..featureset import FeatureSet
 from ..fewshot.base import FewShotMethod
 from ..fewshot.pixels import set_scores
-
-MAX_FOLDS = 4  # the harness validates on min(K, 4) images per class; 4 folds hold out K/4 per class
+from .plan import MAX_FOLDS, folds_for
 
 
 def n_folds(support: FeatureSet, max_folds: int = MAX_FOLDS) -> int:
     """min(max_folds, distinct images of the smallest class); a class needs 2 (one to fit, one to validate)."""
     return folds_for(support.ids, support.labels.tolist(), support.classnames, max_folds)
-
-
-def folds_for(ids: list[str], labels: list[int], classnames: list[str], max_folds: int = MAX_FOLDS) -> int:
-    """``n_folds`` from bare ids and labels: callable on the sampled support before any feature exists."""
-    counts: dict[int, set[str]] = {}
-    for sample_id, label in zip(ids, labels):
-        counts.setdefault(int(label), set()).add(sample_id)
-    smallest = min(counts.items(), key=lambda kv: (len(kv[1]), kv[0]))
-    if len(smallest[1]) < 2:
-        name = classnames[smallest[0]]
-        raise DatasetError(f"class {name!r} has 1 distinct training image and no validation image: "
-                           "cross-validation needs at least 2 (one to fit, one to validate)",
-                           hint="add images to that class (or a val/ folder with the same class folders)")
-    return min(max_folds, len(smallest[1]))
 
 
 def stratified_folds(support: FeatureSet, k: int, seed: int) -> list[list[str]]:

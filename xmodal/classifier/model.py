@@ -88,9 +88,8 @@ class FewShotClassifier:
         from ..backbones import load_backbone
         from ..feature_bank import FeatureBank  # the harness's support/val construction, reused as is
         from ..cache import stable_hash
-        from ..data import fewshot_split
         from ..fewshot import available_methods, create_method
-        from .split import full_split
+        from .plan import plan_split, resolve_dataset
 
         if self.method not in available_methods():
             raise UsageError(f"unknown few-shot method {self.method!r}",
@@ -105,13 +104,8 @@ class FewShotClassifier:
             raise UsageError(f"abstain_target must lie in (0, 1], got {self.abstain_target!r}",
                              hint="e.g. abstain_target=0.95 (the accuracy the suggested min_score aims at)")
         # the dataset is listed and split before any model is loaded: a dataset error comes at once
-        dataset, data_spec = _dataset(data)
-        split = (full_split(dataset, self.seed) if self.shots is None
-                 else fewshot_split(dataset, self.shots, self.seed, if_no_val="empty"))
-        if not split.val:  # cross-validation over the support needs 2 distinct images per class
-            from .crossfit import folds_for
-
-            folds_for([s.id for s in split.support], [s.label for s in split.support], list(dataset.classnames))
+        dataset, data_spec = resolve_dataset(data)
+        split = plan_split(dataset, self.shots, self.seed)  # val=[]: cross-validate over the support (feasible)
         device = _resolve_device(self.device)
         bb = load_backbone(self.backbone, device=device, cache_dir=str(self.cache_dir))
         bank = FeatureBank(bb, dataset, augment_views=self.augment_views, augment_scope="support",
@@ -409,21 +403,6 @@ def _check_consistent(clf: FewShotClassifier, bb: Any, folder: Any) -> None:
     if scores.shape[-1] != len(clf.classes_):
         raise InputError(f"{folder}: the method scores {scores.shape[-1]} classes but the JSON lists "
                          f"{len(clf.classes_)}", hint="the files do not belong together; fit and save again")
-
-
-def _dataset(data: Any) -> tuple[Any, str]:
-    from ..data import load_dataset
-    from ..data.base import ImageDataset
-
-    if isinstance(data, ImageDataset):
-        return data, str(getattr(data, "spec", None) or data.name)
-    if isinstance(data, Path) or (isinstance(data, str) and Path(data).expanduser().is_dir()):
-        spec = f"imagefolder:{Path(data).expanduser().resolve()}"
-        return load_dataset(spec), spec
-    if isinstance(data, str):
-        return load_dataset(data), data
-    raise InputError(f"cannot fit on an object of type {type(data).__name__}",
-                     hint="pass a dataset spec (imagefolder:PATH, cifar10:PATH ...), a folder or an ImageDataset")
 
 
 def _jsonable(value: Any) -> Any:
