@@ -4,8 +4,8 @@ threads while the image tower runs on the current one.
 Why threads, not loader processes, on CPU: the tower already takes every core, PIL's decode and resize and
 the tensor ops release the GIL, and a thread shares memory (no pickling of 64 x 3 x 224 x 224 floats per
 batch, no fork). Why the last two steps are done per batch: ``ToTensor`` + ``Normalize`` on a stacked uint8
-batch run the very same element-wise operations as per image, so the pixels are bit-identical, at a fraction
-of the per-call overhead.
+batch become one table lookup per pixel, the table made by the very same element-wise operations on the 256
+possible bytes, so the pixels are bit-identical at a fraction of the cost.
 """
 from __future__ import annotations
 
@@ -34,20 +34,27 @@ def split_transform(transform: Callable) -> tuple[Callable, Callable[[list], tor
 
     def per_image(img: Any) -> Any:
         img = head(img)
-        if getattr(img, "mode", None) == "RGB":  # 8-bit, 3 channels: exactly what the batch finisher expects
+        if getattr(img, "mode", None) == "RGB":  # 8-bit, 3 channels: what the batch finisher's table is for
             return np.asarray(img)
         return T.ToTensor()(img)  # any other mode: ToTensor's own conversion for this image
 
+    # ToTensor then Normalize map each byte v of channel c to ((v / 255) - mean_c) / std_c in float32: the
+    # same operations on the 256 possible bytes give a per-channel table, and one lookup per pixel replaces
+    # five passes over the batch with bit-identical results
+    dtype = torch.get_default_dtype()
+    levels = torch.arange(256, dtype=dtype).div(255)[None, :, None].expand(len(normalize.mean), 256, 1).contiguous()
+    table = normalize(levels.clone())[:, :, 0].numpy()  # (channels, 256)
+
     def finish(items: list) -> torch.Tensor:
-        if all(isinstance(x, np.ndarray) for x in items) and len({x.shape for x in items}) == 1:
-            # ToTensor on a uint8 HWC array, batched: permute to CHW, float, / 255 (same ops, same order)
-            pixels = torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).contiguous()
-            pixels = pixels.to(dtype=torch.get_default_dtype()).div(255)
-        else:
-            pixels = torch.stack([torch.from_numpy(np.array(x)).permute(2, 0, 1).contiguous()
-                                  .to(dtype=torch.get_default_dtype()).div(255) if isinstance(x, np.ndarray) else x
-                                  for x in items])
-        return normalize(pixels)  # torchvision's normalize broadcasts over the batch dimension
+        if all(isinstance(x, np.ndarray) for x in items) and len({x.shape for x in items}) == 1 \
+                and items[0].ndim == 3 and items[0].shape[2] == table.shape[0]:
+            batch = np.stack(items)  # (N, H, W, C) uint8
+            out = np.empty((batch.shape[0], batch.shape[3], batch.shape[1], batch.shape[2]), dtype=table.dtype)
+            for c in range(table.shape[0]):
+                np.take(table[c], batch[..., c], out=out[:, c])
+            return torch.from_numpy(out)
+        return torch.stack([normalize(T.ToTensor()(x)) if isinstance(x, np.ndarray) else normalize(x)
+                            for x in items])
 
     return per_image, finish
 
