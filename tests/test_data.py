@@ -668,6 +668,11 @@ def test_shots_no_class_can_supply_are_refused(tmp_path):
     ds = ImageFolderDataset(tmp_path)
     with pytest.raises(UsageError, match="no class has 6 training images.*largest has 5") as err:
         fewshot_split(ds, shots=6, seed=0)
+    # validation comes from the train images here: the hint's value leaves class b one, so it then works
+    assert "--shots 2" in err.value.hint and "'b'" in err.value.hint
+    assert fewshot_split(ds, shots=2, seed=0).val  # the suggested value works
+    with pytest.raises(UsageError, match="no class has 6") as err:  # fit: validation by k-fold CV instead
+        fewshot_split(ds, shots=6, seed=0, if_no_val="empty")
     assert "--shots 5" in err.value.hint
     with pytest.raises(UsageError, match="no class has 8"):
         check_shots(ds, [1, 2, 8, 16])
