@@ -129,5 +129,5 @@ def test_tower_methods_run_in_an_episode_with_their_settings_digest(tiny, monkey
     for row in rows:
         assert row["method_config"] and row["training_free"] is False and row["n_test"] == 12
         assert "cached" in row["hparams"]
-    assert rows[2]["hparams"]["kind"] == "tiny" and rows[2]["hparams"]["rank"] == 2
+    assert rows[2]["hparams"]["kind"] == "tiny" and rows[2]["hparams"]["lora_rank"] == 2
     assert rows[0]["method_config"] != rows[1]["method_config"]

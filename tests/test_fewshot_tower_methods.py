@@ -123,8 +123,9 @@ def test_clip_lora_starts_at_the_frozen_model_and_saves_adapters_only(image_epis
     assert torch.allclose(start.image_scores(test_pixels), frozen, atol=1e-4)  # B = 0: adapters start at zero
     m = create_method("clip-lora", iterations=12, batch_size=4, lr=1e-2, seed=0).bind_backbone(tiny, pixels)
     m.fit(support, support, text)
-    assert m.selected_["rank"] == 2 and m.selected_["alpha"] == 1.0 and m.selected_["dropout"] == 0.25
-    assert m.selected_["iteration"] > 0
+    sel = m.selected_
+    assert sel["lora_rank"] == 2 and sel["lora_alpha"] == 1.0 and sel["lora_dropout"] == 0.25
+    assert sel["iteration"] > 0 and sel["epoch"] == -(-sel["iteration"] // 2)  # 2 steps per pass (6 images)
     tensors, meta = m.get_state()
     assert all(k.startswith("fitted.lora_.") or k == "fitted.text_" for k in tensors)
     assert all("lora" in k for k in tensors if k != "fitted.text_")

@@ -163,7 +163,7 @@ class ClipLoRA(FewShotMethod):
             return result, text
 
         best, text = score()
-        best_state, best_text, best_step = self._adapter_state(towers), text, 0
+        best_state, best_text, best_step, best_epoch = self._adapter_state(towers), text, 0, 0
         step, epoch, epochs = 0, 0, -(-iters // max(1, -(-len(support) // bs)))
         loss_value = float("nan")
         with seeded(self.seed):  # adapter dropout draws from the global RNG
@@ -197,13 +197,14 @@ class ClipLoRA(FewShotMethod):
                     self.on_epoch(epoch, epochs)
                 if better(cur, best):
                     best, best_step, best_state, best_text = cur, step, self._adapter_state(towers), text
+                    best_epoch = epoch
         self.lora_ = best_state
         self.text_ = best_text.detach().float().to(self.device)
         self._towers = None  # rebuilt from lora_ on first use (the best pass, not the last)
-        self.selected_ = {"iteration": int(best_step), "val_acc": float(best[0]), "val_loss": float(best[1]),
-                          "iterations": iters, "batch_size": bs, "lr": float(sched["lr"]), "views": n_views,
-                          "preset": self.preset, "rank": int(self.rank), "alpha": float(self.alpha),
-                          "dropout": float(self.dropout), "encoders": self.encoders, "kind": towers.kind,
+        self.selected_ = {"epoch": int(best_epoch), "iteration": int(best_step), "val_acc": float(best[0]),
+                          "val_loss": float(best[1]), "iterations": iters, "batch_size": bs, "lr": float(sched["lr"]),
+                          "views": n_views, "preset": self.preset, "lora_rank": int(self.rank),
+                          "lora_alpha": float(self.alpha), "lora_dropout": float(self.dropout), "encoders": self.encoders, "kind": towers.kind,
                           "image_targets": len(towers.image_targets) if self.encoders in ("both", "image") else 0,
                           "text_targets": len(towers.text_targets) if self.encoders in ("both", "text") else 0,
                           "adapter_params": int(sum(v.numel() for v in best_state.values())),
