@@ -2,11 +2,14 @@
 
 1. Zero-shot classification of the CIFAR-10 subset (``../shared/data/cifar10``; Fashion-MNIST from
    Debian when that folder is absent) with ``bridge:lite0-minilm``, the offline stand-in for CLIP.
-2. The 16-shot table of every few-shot method on the same data (seed 1; ``xmodal bench`` gives the
-   mean ± std over seeds), written to ``runs/demo/``.
+2. The 16-shot table of every few-shot method on cached features on the same data (seed 1; ``xmodal
+   bench`` gives the mean ± std over seeds), written to ``runs/demo/``. The tower methods (CoOp, CoCoOp,
+   CLIP-LoRA) train inside the towers and take several minutes each on a CPU: XMODAL_DEMO_METHODS=all
+   adds them.
 
 Environment overrides: XMODAL_DEMO_DATA (dataset spec), XMODAL_DEMO_SEEDS (e.g. "1,2,3"),
-XMODAL_DEMO_SHOTS (e.g. "16"), XMODAL_DEMO_OUT (output folder), XMODAL_CACHE (feature cache).
+XMODAL_DEMO_SHOTS (e.g. "16"), XMODAL_DEMO_OUT (output folder), XMODAL_DEMO_METHODS ("all" or
+comma-separated names), XMODAL_CACHE (feature cache).
 """
 from __future__ import annotations
 
@@ -37,6 +40,16 @@ def default_dataset_spec() -> str:
     return "digits"
 
 
+def demo_methods() -> str | list[str]:
+    """XMODAL_DEMO_METHODS, else every registered method that works on cached features (minutes on a CPU)."""
+    if os.environ.get("XMODAL_DEMO_METHODS"):
+        return os.environ["XMODAL_DEMO_METHODS"]
+    from .fewshot import available_methods, create_method
+
+    names = sorted(available_methods(), key=lambda m: m != "zeroshot")
+    return [m for m in names if not create_method(m).needs_backbone]
+
+
 def main() -> None:
     from .bench.sweep import run_sweep
 
@@ -60,7 +73,7 @@ def main() -> None:
                   f"chance = {100 / len(dataset.classnames):.0f}%")
 
     console.rule(f"2. few-shot: {shots} shots, seed(s) {seeds}, every method (α, β, γ, epochs chosen on validation)")
-    result = run_sweep(backbone, [spec], shots, seeds, "all", out_dir, cache_dir=DEFAULT_CACHE_DIR,
+    result = run_sweep(backbone, [spec], shots, seeds, demo_methods(), out_dir, cache_dir=DEFAULT_CACHE_DIR,
                        augment_scope="support", progress=True)
     console.print(result.table)
     console.print(f"rows: {result.results_path}; table: {result.table_path}; plot: {result.plot_path}")
