@@ -113,7 +113,7 @@ def train_arm(args, arm: str, seed: int, corpus: Path) -> dict:
                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, mask_ratio=args.mask_ratio,
                       max_length=args.max_length, device="cpu", resume=True, seed=seed, experts=args.experts,
                       k=args.k, save_every=args.save_every, visual=arm, focus_words=",".join(COLOURS),
-                      progress=False)
+                      progress=False, head=args.head or None)
     return train_mlm(targs, log=log)
 
 
@@ -279,6 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--bootstrap", type=int, default=10000)
+    ap.add_argument("--head", default="", help="text-only head folder (`xmodal xadapter head`): every arm starts from "
+                                              "it, frozen; without it each arm trains a fresh head (the earlier recipe)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -5,6 +5,7 @@
 # Budget (environment variables, defaults = the run reported in docs/xadapter-results.md):
 #   STEPS=100 BATCH=16 LR=5e-4 SEEDS=0,1,2 ARMS=real,shuffled,zero EXPERTS=v K=4
 #   OUT=runs/xa-controlled  POOL=../shared/data/tiny-imagenet  BACKBONE=bridge:lite0-minilm
+#   HEAD=runs/xa-mechanism/head  (the text-only base of benchmarks/xadapter_mechanism.py; empty = a fresh head per arm)
 # Measured on 2 CPU cores shared with other jobs: bank 47 min, then 9 adaptation runs + probes ~35 min;
 # Every step is resumable: rerun the script to continue.
 set -euo pipefail
@@ -31,7 +32,7 @@ fi
 # 3. train 3 arms x seeds, probe, statistics, diagnosis
 $PY benchmarks/xadapter_controlled.py --out "$OUT" --bank "$OUT/bank" --backbone "$BACKBONE" \
     --steps "${STEPS:-100}" --batch-size "${BATCH:-16}" --lr "${LR:-5e-4}" --seeds "${SEEDS:-0,1,2}" \
-    --arms "${ARMS:-real,shuffled,zero}" --experts "${EXPERTS:-v}" --k "${K:-4}" 2> >(tee -a "$OUT/controlled.log" >&2)
+    --arms "${ARMS:-real,shuffled,zero}" --experts "${EXPERTS:-v}" --k "${K:-4}" --head "${HEAD:-}" 2> >(tee -a "$OUT/controlled.log" >&2)
 
 # 4. the Markdown tables for the docs and the README
 $PY benchmarks/xadapter_controlled_table.py "$OUT/results.json" > "$OUT/results.md"

@@ -243,6 +243,32 @@ def summarise(per_arm: dict[str, list[np.ndarray]], text_only: np.ndarray, ceil:
     return res
 
 
+LABELS = {"paired_images": "(a) paired image, held-out classes", "retrieval_classes": "(b) retrieval, 47 held-out classes",
+          "memory_colors_in_pool": "(c) retrieval, Memory Colors objects in the pool"}
+
+
+def _pm(values: list[float]) -> str:
+    m = float(np.mean(values))
+    return f"{m:.2f} ± {float(np.std(values, ddof=1)):.2f}" if len(values) > 1 else f"{m:.2f}"
+
+
+def markdown(results: dict) -> str:
+    """The headline table: arms (mean ± std over seeds), text-only, ceiling and the paired intervals."""
+    head = ("| probe | n | majority | text-only | (i) real | (ii) shuffled | (iii) zero | ceiling (linear read-out) "
+            "| (i) − (ii), 95 % CI | (i) − text-only, 95 % CI |")
+    lines = [head, "|" + "---|" * 10]
+    for key, label in LABELS.items():
+        r = results.get(key)
+        if not r:
+            continue
+        ci = lambda name: "[{:+.2f}, {:+.2f}]".format(*r[name]) if name in r else "–"  # noqa: E731
+        lines.append(f"| {label} | {r['n']} | {r['majority'][1]:.2f} ({r['majority'][0]}) | {r['text_only']:.2f} "
+                     f"| {_pm(r.get('real', [float('nan')]))} | {_pm(r['shuffled']) if 'shuffled' in r else '–'} "
+                     f"| {_pm(r['zero']) if 'zero' in r else '–'} | {r['ceiling']:.2f} | {ci('real_minus_shuffled_ci')} "
+                     f"| {ci('real_minus_text_only_ci')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", type=Path, default=ROOT.parent / "shared/data/tiny-imagenet")
@@ -257,11 +283,15 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--layers", default="top2")
     ap.add_argument("--k", type=int, default=4, help="images retrieved per prompt in the retrieval probes")
-    ap.add_argument("--head-max-steps", type=int, default=3000)
+    ap.add_argument("--head-max-steps", type=int, default=800)
+    ap.add_argument("--head-min-improvement", type=float, default=0.02)
+    ap.add_argument("--head-lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dev", action="store_true", help="development protocol: evaluate on held-out adaptation classes")
     ap.add_argument("--tag", default="", help="suffix of the run folders (to keep development variants apart)")
     ap.add_argument("--publish", action="store_true", help="also write docs/results/xadapter-mechanism.json")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -293,8 +323,10 @@ def main(argv=None) -> int:
     # text-only base
     head_dir = args.out / "head"
     if not (head_dir / "head.json").is_file():
-        train_head(HeadArgs(corpus=[str(args.text / "lxmert_train.jsonl"), str(args.text / "wikipedia_train.jsonl")],
-                            out=str(head_dir), max_steps=args.head_max_steps, resume=True, progress=False), log=log)
+        train_head(HeadArgs(corpus=[str(args.text / "lxmert_train.jsonl")],
+                            out=str(head_dir), max_steps=args.head_max_steps, batch_size=32, lr=args.head_lr,
+                            max_length=32, window=100, min_improvement=args.head_min_improvement, resume=True,
+                            progress=False), log=log)
     head_meta = json.loads((head_dir / "head.json").read_text())
 
     # arms
@@ -363,7 +395,10 @@ def main(argv=None) -> int:
     atomic_json(args.out / f"results-{split['protocol']}{args.tag}.json", results)
     if args.publish and not args.dev:
         atomic_json(ROOT / "docs/results/xadapter-mechanism.json", results)
-    print(json.dumps({k: v for k, v in results.items() if k != "evaluation_classes"}, indent=1))
+    table = markdown(results)
+    (args.out / f"results-{split['protocol']}{args.tag}.md").write_text(table + "\n")
+    print(table)
+    log(f"wall time {results['wall_s']} s")
     return 0
 
 

@@ -131,7 +131,7 @@ def read_corpus_rows(files, limit: int | None = None, image_root: str | os.PathL
             if limit and len(rows) >= limit:
                 return Corpus(rows, skipped)
     if not rows:
-        raise InputError(f"the corpus {', '.join(map(str, files))} has no usable texts"
+        raise InputError(f"the corpus {', '.join(map(str, files))} has no texts"
                          + (f" ({skipped} malformed rows skipped)" if skipped else ""),
                          hint="each line must be {\"text\": \"...\"} (JSONL) or one text (plain .txt)")
     return Corpus(rows, skipped)

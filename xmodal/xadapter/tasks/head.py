@@ -32,8 +32,9 @@ from .corpus import read_corpus_rows
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_META = "head.json"
 HEAD_CHECKPOINT = "head_checkpoint.pt"
-_RESUME_KEYS = ("plm", "max_steps", "batch_size", "lr", "mask_ratio", "max_length", "seed", "window",
-                "min_improvement", "max_texts")
+# what fixes the trajectory of steps (the stopping rule -- max_steps, window, min_improvement -- may change
+# on resume: the steps taken are the same, only where they stop differs)
+_RESUME_KEYS = ("plm", "batch_size", "lr", "mask_ratio", "max_length", "seed", "max_texts")
 
 
 @dataclass
@@ -160,6 +161,9 @@ def train_head(args: HeadArgs, log: Callable[[str], None] = print) -> dict:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        elif step % args.window == 0:
+            log(f"text-only head: step {step}, mean loss of the last {args.window} steps "
+                f"{sum(losses[-args.window:]) / args.window:.4f}")
         if plateaued(losses, args.window, args.min_improvement):
             reason = (f"loss flattened: mean of steps {step - args.window + 1}-{step} improved on the previous "
                       f"{args.window} steps by less than {100 * args.min_improvement:g} %")
