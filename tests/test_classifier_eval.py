@@ -179,3 +179,13 @@ def test_fewshot_table_shows_chosen_settings_once_and_no_curves(tmp_path):
     assert res.stdout.count("fixed tip-adapter:") == 1 and res.stdout.count("fixed tip-adapter-f:") == 1
     assert "lr=0.001" not in res.stdout.split("fixed tip-adapter")[0]  # fixed settings are not in the table
     assert len(res.stdout.splitlines()) < 40
+
+
+def test_min_score_is_refused_when_a_class_is_named_unknown(model):
+    base, root, _, _ = model
+    clf = FewShotClassifier.load(base / "model", device="cpu", cache_dir=base / "cache")
+    clf.classes_ = [UNKNOWN, *clf.classes_[1:]]
+    assert clf.resolve_min_score(None) is None  # without abstaining the name is harmless
+    with pytest.raises(UsageError, match="a class is named 'unknown'") as err:
+        clf.predict(str(root / "test"), min_score=0.5)
+    assert "rename" in err.value.hint

@@ -264,8 +264,15 @@ class FewShotClassifier:
                                      f"no threshold reached {saved.get('target_accuracy', 'the target')} accuracy on "
                                      "its held-out images)", hint="give a number, e.g. --min-score 0.5, or refit "
                                                                    "with a lower abstain target")
-                return float(saved["min_score"])
-        return check_min_score(min_score)
+                return self._no_unknown_class(float(saved["min_score"]))
+        return self._no_unknown_class(check_min_score(min_score))
+
+    def _no_unknown_class(self, threshold: float | None) -> float | None:
+        """Abstaining answers "unknown": refused when that is also a class name (the answer would be ambiguous)."""
+        if threshold is not None and UNKNOWN in getattr(self, "classes_", []):
+            raise UsageError(f"a class is named {UNKNOWN!r}, so abstaining (min_score) could not be told apart from it",
+                             hint=f"rename the {UNKNOWN!r} class folder and fit again, or leave --min-score out")
+        return threshold
 
     def top_k(self, inputs: Any, k: int = 5, batch_size: int | None = None) -> list[list[tuple[str, float]]]:
         """The ``k`` most probable (class name, probability) pairs of each input, best first."""
