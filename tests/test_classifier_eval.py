@@ -189,3 +189,21 @@ def test_min_score_is_refused_when_a_class_is_named_unknown(model):
     with pytest.raises(UsageError, match="a class is named 'unknown'") as err:
         clf.predict(str(root / "test"), min_score=0.5)
     assert "rename" in err.value.hint
+
+
+def test_xmadapter_card_says_which_stage_it_kept_everywhere(tmp_path, one_thread):
+    from xmodal.bench.testing import make_tiny_imagefolder
+
+    root = make_tiny_imagefolder(tmp_path / "imgs", classes=3, train=6, test=2)
+    clf = FewShotClassifier(backbone="tiny:clip", method="xmadapter", shots=3, seed=0, cache_dir=tmp_path / "c",
+                            device="cpu", augment_views=0, epochs=3).fit(root)
+    kept = clf.selected_["kept"]
+    stage = "Tip-Adapter-F stage" if kept == "tip-adapter-f" else "stage 2 (text cache)"
+    label = clf.card()["method_label"]
+    assert label.startswith(f"xmadapter → kept {stage} (sign test p = ") and clf.card()["method"] == "xmadapter"
+    saved = clf.save(tmp_path / "m")
+    assert json.loads((saved / "xmodal_classifier.json").read_text())["method"]["label"] == label
+    loaded = FewShotClassifier.load(saved, device="cpu", cache_dir=tmp_path / "c")
+    with TestClient(create_app(loaded)) as client:
+        assert client.get("/v1/model").json()["method_label"] == label
+        assert "card.method_label" in client.get("/").text  # the page shows it as the method
