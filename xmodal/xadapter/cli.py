@@ -6,7 +6,6 @@ prints exactly one JSON document on stdout (logs and progress go to stderr).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import List, Optional
 
@@ -26,7 +25,9 @@ def _logger(json_out: bool):
 
 def _emit(result: dict, json_out: bool, human) -> None:
     if json_out:
-        typer.echo(json.dumps(result, default=str))
+        from ..jsonio import dumps
+
+        typer.echo(dumps(result, default=str))
     else:
         human(result)
 

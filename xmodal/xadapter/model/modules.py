@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import CacheMismatchError, ShapeError, XmodalError
+from ...filemode import apply_umask
 from .config import XAdapterConfig, parse_experts
 
 WEIGHTS_NAME = "xadapter.safetensors"
@@ -381,6 +382,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        apply_umask(tmp)          # mkstemp makes 0600; the file gets the mode any file the user creates gets
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import CacheMismatchError, ShapeError, XmodalError
+from ...filemode import apply_umask
 
 FORMAT_VERSION = 1
 META_FILE = "bank.json"
@@ -134,6 +135,7 @@ def _stage(path: Path, write: Callable[[Path], None], staged: list[Path]) -> Pat
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     staged.append(tmp)
     write(tmp)
+    apply_umask(tmp)   # safetensors writes 0600; the bank gets the mode any file the user creates gets
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     return tmp

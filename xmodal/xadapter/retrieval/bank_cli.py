@@ -6,15 +6,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
 from ...cli_util import resolve_device
-from .bank import RetrievalBank, exact_topk, recall_at_k
 
 
 def measure_recall(bank: RetrievalBank, queries: torch.Tensor, k: int) -> dict:
     """Recall@k of ``bank``'s index against brute-force exact search, plus both search times."""
+    import torch
+    from .bank import exact_topk, recall_at_k
+
     k = min(k, len(bank))
     queries = torch.nn.functional.normalize(queries.float().cpu(), dim=-1)
     t0 = time.perf_counter()
@@ -28,6 +29,8 @@ def measure_recall(bank: RetrievalBank, queries: torch.Tensor, k: int) -> dict:
 
 
 def _text_queries(dataset, limit: int, seed: int) -> list[str]:
+    import torch
+
     classnames = list(getattr(dataset, "classnames", []) or [])
     templates = list(getattr(dataset, "templates", []) or []) or ["a photo of a {}."]
     texts = [t.format(c.replace("_", " ")) for c in classnames for t in templates]
@@ -40,6 +43,8 @@ def _text_queries(dataset, limit: int, seed: int) -> list[str]:
 def _image_queries(bank: RetrievalBank, backbone, dataset, limit: int, seed: int, **extract) -> tuple[torch.Tensor, str]:
     """Embeddings of up to ``limit`` images of another split of ``dataset`` (held out from the pool), or,
     when there is none, of a sample of the pool itself (self-queries: an optimistic recall)."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     split = bank.meta.get("split")
     others = [s for s in ("test", "val", "train") if dataset is not None and s != split and s in dataset.splits()]
@@ -59,6 +64,8 @@ def bank_summary(bank: RetrievalBank, backbone=None, dataset=None, *, recall_k: 
     """What `xmodal xadapter bank` prints: size, dims, index, files, and for IVF the recall@k vs exact
     search on text queries (class prompts of ``dataset``) and image queries (held-out images of another
     split, else a sample of the pool). ``extract`` goes to `extract_features` (cache_dir, device, ...)."""
+    import torch
+
     meta = bank.meta
     out = {
         "out": str(bank.directory),
@@ -115,13 +122,14 @@ def register_bank(xadapter_app: typer.Typer) -> None:
         no_tokens: bool = typer.Option(False, "--no-tokens", help="store pooled embeddings only, no image tokens"),
         batch_size: int = typer.Option(64, "--batch-size"),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)"),
-        cache_dir: Path = typer.Option(Path(".xmodal-cache"), "--cache-dir", help="feature cache directory"),
+        cache_dir: Path = typer.Option(Path(".xmodal-cache"), "--cache-dir", envvar="XMODAL_CACHE", help="feature cache directory (env XMODAL_CACHE)"),
         recall_k: int = typer.Option(4, "--recall-k", help="k for the IVF recall check"),
         recall_queries: int = typer.Option(256, "--recall-queries", help="queries per kind for the IVF recall check (0: skip)"),
         json_out: bool = typer.Option(False, "--json", help="print exactly one JSON document"),
     ) -> None:
         """Build a retrieval bank (image pool for X-adapter retrieval) and print a summary."""
         from ...backbones import load_backbone
+        from .bank import RetrievalBank
         from ...data import load_dataset
 
         start = time.perf_counter()
