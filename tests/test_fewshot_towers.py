@@ -87,7 +87,7 @@ def test_hf_clip_tower_matches_its_text_model_and_lora_targets_every_qkv():
 
 def test_bridge_towers_prompt_encoding_and_lora_split():
     """The offline default: MiniLM prompt encoding equals encode_texts; CLIP-LoRA adapts MiniLM's q/k/v
-    in all 6 layers and EfficientNet-Lite0's last-two-stage pointwise convolutions + head, and the cached
+    in all 6 layers and EfficientNet-Lite0's last-stage pointwise convolutions + head, and the cached
     lower part followed by the adapted upper part is the tower's own image embedding."""
     from xmodal.fewshot._lora_towers import lora_towers
 
@@ -98,9 +98,9 @@ def test_bridge_towers_prompt_encoding_and_lora_split():
         "query", "key", "value"}
     assert towers.image_targets[-1] == "conv_head"
     stages = {t.split(".")[1] for t in towers.image_targets[:-1]}
-    assert stages == {"5", "6"} and all(t.endswith(("conv_pw", "conv_pwl")) for t in towers.image_targets[:-1])
+    assert stages == {"6"} and all(t.endswith(("conv_pw", "conv_pwl")) for t in towers.image_targets[:-1])
     pixels = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         lower = towers.lower(pixels)
-        assert lower.shape == (2, 112, 14, 14)
+        assert lower.shape == (2, 192, 7, 7)
         assert torch.allclose(towers.upper(lower), bb.encode_images(pixels), atol=1e-4)

@@ -9,7 +9,7 @@ Vision-Language Models", CVPR-W 2024). Written from the paper; the adapters are 
 Where the adapters go per backbone kind, and what is cached below them, is in ``_lora_towers.py`` (and
 docs/fewshot.md). Published schedule (``preset="paper"``): AdamW lr 2e-4, weight decay 1e-2, betas
 (0.9, 0.999), batch 32, 500 × shots iterations, cosine; a fresh random crop/flip per iteration.
-``preset="cpu"``: 250 iterations over ``views`` = 4 cached random crop/flip views per support image. The
+``preset="cpu"``: 150 iterations over ``views`` = 2 cached random crop/flip views per support image. The
 model is scored on validation after every pass over the support set (and at the start, where it *is*
 the zero-shot model) and the best pass (accuracy, then log-loss) is kept.
 
@@ -34,7 +34,7 @@ from .base import FewShotMethod, register
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"iterations": "500-x-shots", "batch_size": 32, "lr": 2e-4, "views": 0},
-    "cpu": {"iterations": 250, "batch_size": 32, "lr": 2e-4, "views": 4},
+    "cpu": {"iterations": 150, "batch_size": 32, "lr": 2e-4, "views": 2},
 }
 PROMPT = "a photo of a {}."
 
