@@ -71,7 +71,17 @@ def test_library_access_to_the_app_names_the_extra(monkeypatch):
     assert info.value.extra == "serve" and "xmodal[serve]" in info.value.hint
 
 
-@pytest.mark.parametrize("module, extra", [("accelerate", "xadapter"), ("accelerate.utils", "xadapter"),
+def test_xadapter_bank_without_faiss_names_the_extra(monkeypatch, tmp_path):
+    """The bank command is always listed; run without faiss it says which extra brings it."""
+    _hide(monkeypatch, "faiss")
+    monkeypatch.delitem(sys.modules, "xmodal.xadapter.retrieval.bank", raising=False)
+    result = runner.invoke(app, ["xadapter", "bank", "--backbone", "tiny:clip", "--data", f"imagefolder:{tmp_path}",
+                                 "--out", str(tmp_path / "bank")])
+    assert result.exit_code == EXIT_ENVIRONMENT, (result.stdout, result.stderr)
+    assert "'faiss'" in result.stderr and "pip install 'xmodal[xadapter]'" in result.stderr
+
+
+@pytest.mark.parametrize("module, extra", [("faiss", "xadapter"), ("accelerate", "xadapter"), ("accelerate.utils", "xadapter"),
                                            ("uvicorn", "serve"), ("multipart", "serve")])
 def test_any_command_hitting_a_missing_optional_module_names_its_extra(module, extra):
     rep = classify(ModuleNotFoundError(f"No module named {module!r}", name=module))

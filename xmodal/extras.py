@@ -16,7 +16,7 @@ from .errors import ResourceError
 # (python-multipart is imported as ``python_multipart``, older releases as ``multipart``)
 EXTRA_MODULES: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "serve": ("fastapi", "starlette", "pydantic", "uvicorn", ("python_multipart", "multipart")),
-    "xadapter": ("accelerate",),
+    "xadapter": ("accelerate", "faiss"),
     "test": ("pytest", "httpx", "selenium"),
 }
 
