@@ -14,16 +14,17 @@ from PIL import Image
 
 class TowerRunner(Protocol):
     """How the image towers run when not in eager PyTorch (``xmodal.engines`` provides one): called with the
-    tower name and pixels, it returns what ``torch_tower(tower)(pixels)`` would. Declared here so a backbone
-    needs no knowledge of any engine, export or cache."""
+    backbone, the tower name and pixels, it returns what ``backbone.torch_tower(tower)(pixels)`` would.
+    Declared here so a backbone needs no knowledge of any engine, export or cache. The backbone is passed
+    on every call (never stored), so a copy of a backbone runs its own modules."""
 
     requested: str
 
-    def __call__(self, tower: str, pixels: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, backbone: "VisionLanguageBackbone", tower: str, pixels: torch.Tensor) -> torch.Tensor: ...
 
-    def active(self, tower: str) -> str: ...
+    def active(self, backbone: "VisionLanguageBackbone", tower: str) -> str: ...
 
-    def info(self, tower: str) -> dict: ...
+    def info(self, backbone: "VisionLanguageBackbone", tower: str) -> dict: ...
 
 
 class VisionLanguageBackbone(abc.ABC):
@@ -100,17 +101,17 @@ class VisionLanguageBackbone(abc.ABC):
 
     def active_engine(self, tower: str = "image") -> str:
         """``"onnx"`` or ``"torch"``: what ``tower`` runs on now (prepares the engine's export if needed)."""
-        return self.runner.active(tower) if self.runner is not None else "torch"
+        return self.runner.active(self, tower) if self.runner is not None else "torch"
 
     def engine_info(self, tower: str = "image") -> dict:
         """What ``tower`` runs on, with the export's probe fidelity when it is ONNX Runtime."""
         if self.runner is not None:
-            return self.runner.info(tower)
+            return self.runner.info(self, tower)
         return {"engine": "torch", "requested": "torch", "device": str(self.device)}
 
     def _run(self, tower: str, pixels: torch.Tensor) -> torch.Tensor:
         if self.runner is not None:
-            return self.runner(tower, pixels)
+            return self.runner(self, tower, pixels)
         return self.run_torch(tower, pixels)
 
     # ----- text side --------------------------------------------------------------------

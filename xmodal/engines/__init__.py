@@ -36,7 +36,7 @@ def attach_engine(backbone: "VisionLanguageBackbone", engine: str | None = None,
     happens lazily, on first use, into ``cache_dir/onnx``. Returns the backbone."""
     from .runner import EngineRunner
 
-    backbone.runner = EngineRunner(backbone, resolve_engine(engine), cache_dir)
+    backbone.runner = EngineRunner(resolve_engine(engine), cache_dir)
     return backbone
 
 

@@ -19,30 +19,29 @@ if TYPE_CHECKING:
 
 
 class EngineRunner:
-    """Runs ``backbone``'s towers on the ``requested`` engine (``auto``, ``torch`` or ``onnx``, already
+    """Runs a backbone's towers on the ``requested`` engine (``auto``, ``torch`` or ``onnx``, already
     validated). ONNX towers are exported on first use into ``cache_dir/onnx``; a tower whose export is
-    unavailable falls back to PyTorch, said once."""
+    unavailable falls back to PyTorch, said once. The backbone comes with every call, as the seam says."""
 
-    def __init__(self, backbone: "VisionLanguageBackbone", requested: str,
-                 cache_dir: str | Path | None = None) -> None:
-        self.backbone, self.requested = backbone, requested
+    def __init__(self, requested: str, cache_dir: str | Path | None = None) -> None:
+        self.requested = requested
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._onnx: dict[str, "OnnxTower | None"] = {}  # tower -> verified ONNX tower, None once fallen back
         self._said: set[str] = set()
 
-    def __call__(self, tower: str, pixels: torch.Tensor) -> torch.Tensor:
-        onnx = self._onnx_tower(tower)
+    def __call__(self, backbone: "VisionLanguageBackbone", tower: str, pixels: torch.Tensor) -> torch.Tensor:
+        onnx = self._onnx_tower(backbone, tower)
         if onnx is not None:
             return onnx(pixels)
-        return self.backbone.run_torch(tower, pixels)
+        return backbone.run_torch(tower, pixels)
 
-    def active(self, tower: str) -> str:
-        return "onnx" if self._onnx_tower(tower) is not None else "torch"
+    def active(self, backbone: "VisionLanguageBackbone", tower: str) -> str:
+        return "onnx" if self._onnx_tower(backbone, tower) is not None else "torch"
 
-    def info(self, tower: str) -> dict:
-        onnx = self._onnx_tower(tower)
+    def info(self, backbone: "VisionLanguageBackbone", tower: str) -> dict:
+        onnx = self._onnx_tower(backbone, tower)
         if onnx is None:
-            return {"engine": "torch", "requested": self.requested, "device": str(self.backbone.device)}
+            return {"engine": "torch", "requested": self.requested, "device": str(backbone.device)}
         import onnxruntime
 
         return {"engine": "onnx", "requested": self.requested, "device": "cpu",
@@ -53,14 +52,13 @@ class EngineRunner:
         """Where exports live: the folder given, else ``$XMODAL_CACHE`` or ``.xmodal-cache``."""
         return self.cache_dir if self.cache_dir is not None else Path(DEFAULT_CACHE_DIR)
 
-    def _wants_onnx(self) -> bool:
-        if self.backbone.device.type != "cpu" or self.requested == "torch":
+    def _wants_onnx(self, backbone: "VisionLanguageBackbone") -> bool:
+        if backbone.device.type != "cpu" or self.requested == "torch":
             return False
-        return self.requested == "onnx" or self.backbone.prefers_onnx
+        return self.requested == "onnx" or backbone.prefers_onnx
 
-    def _onnx_tower(self, tower: str) -> "OnnxTower | None":
-        bb = self.backbone
-        if not self._wants_onnx():
+    def _onnx_tower(self, bb: "VisionLanguageBackbone", tower: str) -> "OnnxTower | None":
+        if not self._wants_onnx(bb):
             if self.requested == "onnx" and bb.device.type != "cpu" and "device" not in self._said:
                 self._said.add("device")
                 warnings.warn(f"engine 'onnx' runs on CPU; {bb.spec} is on {bb.device}, using PyTorch", stacklevel=5)
