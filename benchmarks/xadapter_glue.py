@@ -4,7 +4,7 @@ Same budget per row (seeded training subset, epochs, lr, batch), seeds 0,1,2; me
 whether any difference to the plain PLM exceeds the seed spread. The adapter is the one given by
 ``--xadapter`` (by default the (v,t) run of the mechanism experiment, trained from the text-only base).
 
-    python benchmarks/xadapter_glue.py --xadapter runs/xa-mechanism/glue-vt-s0 --bank runs/xa-mechanism/bank
+    python benchmarks/xadapter_glue.py            # after benchmarks/xadapter_mechanism.py
 """
 from __future__ import annotations
 
@@ -30,8 +30,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/glue"))
     ap.add_argument("--tasks", default="RTE,MRPC,SST-2")
-    ap.add_argument("--xadapter", required=True)
-    ap.add_argument("--bank", required=True)
+    ap.add_argument("--mechanism", type=Path, default=ROOT / "runs/xa-mechanism",
+                    help="the mechanism experiment's folder: its bank, text-only head and corpus")
+    ap.add_argument("--xadapter", type=Path, default=None,
+                    help="adapter with V and T experts (default: MECHANISM/glue-vt-s0, trained here when missing: the "
+                         "mechanism experiment's real arm with experts v,t, same corpus, head and budget)")
+    ap.add_argument("--adapter-steps", type=int, default=600)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--max-train", type=int, default=1000)
     ap.add_argument("--max-eval", type=int, default=None)
@@ -42,6 +46,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs/xa-mechanism/glue.json")
     args = ap.parse_args(argv)
     t0 = time.time()
+    args.bank = str(args.mechanism / "bank")
+    if args.xadapter is None:
+        args.xadapter = args.mechanism / "glue-vt-s0"
+        if not (args.xadapter / "xadapter" / "xadapter_config.json").is_file():
+            from xmodal.xadapter.tasks.train import TrainArgs, train_mlm
+
+            log(f"training the (v,t) adapter for GLUE into {args.xadapter}")
+            train_mlm(TrainArgs(plm="minilm", backbone="bridge:lite0-minilm", bank=args.bank,
+                                corpus=[str(args.mechanism / "corpus-test.jsonl")], out=str(args.xadapter),
+                                steps=args.adapter_steps, batch_size=32, lr=1e-3, max_length=32, seed=0, experts="v,t",
+                                focus_words="black,blue,brown,green,orange,pink,purple,red,white,yellow",
+                                head=str(args.mechanism / "head"), image_root=str(ROOT.parent / "shared/data/tiny-imagenet"),
+                                resume=True, progress=False, device="cpu"), log=log)
+    args.xadapter = str(args.xadapter)
     done = json.loads(args.out.read_text()) if args.out.is_file() else {}
     rows = {"plain": None, "t": "t", "v,t": "v,t"}
     for task in args.tasks.split(","):

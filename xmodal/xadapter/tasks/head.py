@@ -27,6 +27,7 @@ from ...errors import CacheMismatchError, InputError, XmodalError
 from ..model.masking import mask_tokens
 from ..model.modules import _atomic_write_bytes, plm_fingerprint
 from ..model.plm import load_mlm, masked_lm_logits
+from .common import EpochPerm, corpus_digest, load_checkpoint_file
 from .corpus import read_corpus_rows
 
 HEAD_WEIGHTS = "head.safetensors"
@@ -58,8 +59,6 @@ class HeadArgs:
 
 
 def _fingerprint(args: HeadArgs) -> dict:
-    from .train import corpus_digest
-
     d = {k: getattr(args, k) for k in _RESUME_KEYS}
     d["corpus_sha256"] = corpus_digest(args.corpus)
     return d
@@ -86,8 +85,6 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 def train_head(args: HeadArgs, log: Callable[[str], None] = print) -> dict:
     """Train (or resume) the text-only MLM head; writes ``head.safetensors`` + ``head.json`` to ``args.out``."""
     from safetensors.torch import save
-
-    from .train import _EpochPerm, load_checkpoint_file
 
     out = Path(args.out)
     if (out / HEAD_META).is_file() and not args.resume:
@@ -127,7 +124,7 @@ def train_head(args: HeadArgs, log: Callable[[str], None] = print) -> dict:
         log(reason)
     model.train()
     model.base_model.eval()   # no dropout in the frozen body: the head sees the features it will see later
-    perm = _EpochPerm(len(texts), args.seed)
+    perm = EpochPerm(len(texts), args.seed)
     bar = None
     if args.progress and new_head:
         from tqdm.auto import tqdm
