@@ -11,7 +11,6 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import XmodalError
 
 xadapter_app = typer.Typer(help="X-adapter: visual knowledge for text-only PLMs (papers.md part A).",
                            no_args_is_help=True)

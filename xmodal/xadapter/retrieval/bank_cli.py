@@ -4,11 +4,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ...cli_util import resolve_device
+
+if TYPE_CHECKING:  # names for the annotations only: the command imports torch and the bank when it runs
+    import torch
+
+    from .bank import RetrievalBank
 
 
 def measure_recall(bank: RetrievalBank, queries: torch.Tensor, k: int) -> dict:
