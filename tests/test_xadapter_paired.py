@@ -212,3 +212,14 @@ def test_paired_training_refuses_missing_images_before_loading_models(world, tmp
     with pytest.raises(InputError, match=r"bad.jsonl:1: image 'gone.png' not found"):
         train_mlm(TrainArgs(plm=str(world["plm"]), backbone="tiny:clip", corpus=[str(bad)], out=str(tmp_path / "o"),
                             steps=2, experts="v", device="cpu", progress=False), log=lambda m: None)
+
+
+def test_head_and_adaptation_report_progress_on_stderr_only(world, tmp_path, capsys):
+    train_head(HeadArgs(plm=str(world["plm"]), corpus=[str(world["text"])], out=str(tmp_path / "h"), max_steps=6,
+                        batch_size=4, window=3, progress=True), log=lambda m: None)
+    train_mlm(TrainArgs(plm=str(world["plm"]), backbone="tiny:clip", corpus=[str(world["corpus"])],
+                        image_root=str(world["pool"]), out=str(tmp_path / "r"), steps=3, batch_size=4, experts="v",
+                        head=str(tmp_path / "h"), device="cpu", progress=True), log=lambda m: None)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "text-only head: 6/6 step" in err and "xadapter mlm: 3/3 step · loss" in err

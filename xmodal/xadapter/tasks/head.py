@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ...errors import CacheMismatchError, InputError, XmodalError
+from ...progress import Progress
 from ..model.masking import mask_tokens
 from ..model.modules import _atomic_write_bytes, plm_fingerprint
 from ..model.plm import load_mlm, masked_lm_logits
@@ -125,11 +126,7 @@ def train_head(args: HeadArgs, log: Callable[[str], None] = print) -> dict:
     model.train()
     model.base_model.eval()   # no dropout in the frozen body: the head sees the features it will see later
     perm = EpochPerm(len(texts), args.seed)
-    bar = None
-    if args.progress and new_head:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=args.max_steps, initial=step, desc="text-only head", dynamic_ncols=True)
+    bar = Progress(args.max_steps, "text-only head", enabled=args.progress and bool(new_head), initial=step)
     t0 = time.time()
 
     def checkpoint(s: int) -> None:
@@ -155,10 +152,8 @@ def train_head(args: HeadArgs, log: Callable[[str], None] = print) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         losses.append(float(loss.detach()))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        elif step % args.window == 0:
+        bar.update(1, note=f"loss {losses[-1]:.3f}")
+        if not args.progress and step % args.window == 0:
             log(f"text-only head: step {step}, mean loss of the last {args.window} steps "
                 f"{sum(losses[-args.window:]) / args.window:.4f}")
         if plateaued(losses, args.window, args.min_improvement):
@@ -166,8 +161,7 @@ def train_head(args: HeadArgs, log: Callable[[str], None] = print) -> dict:
                       f"{args.window} steps by less than {100 * args.min_improvement:g} %")
         elif args.save_every and step % args.save_every == 0:
             checkpoint(step)
-    if bar is not None:
-        bar.close()
+    bar.close()
     if reason is None and step < args.max_steps:
         checkpoint(step)
         log(f"text-only head: stopped at step {step} of at most {args.max_steps}; continue with --resume")

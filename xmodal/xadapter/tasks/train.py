@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from ...errors import XmodalError
+from ...progress import Progress
 from ..model.config import XAdapterConfig, parse_experts
 from ..retrieval.context import DEFAULT_BACKBONE, ContextBuilder, load_bank
 from ..model.masking import mask_tokens, visible_texts
@@ -438,11 +439,9 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
     end_step = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
     model.train()
     losses: list[float] = []
-    bar = None
-    if args.progress and accelerator.is_local_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=args.steps, initial=start_step, desc="xadapter mlm", dynamic_ncols=True)
+    # a bar on a terminal, one line every few seconds when stderr is piped (xmodal.progress)
+    bar = Progress(args.steps, "xadapter mlm", enabled=args.progress and accelerator.is_local_main_process,
+                   initial=start_step)
     t0 = time.time()
     with open(log_path, "a") if accelerator.is_main_process else open(os.devnull, "w") as log_fh:
         for step in range(start_step, end_step):
@@ -471,13 +470,10 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
                 log_fh.write(json.dumps({"step": step + 1, "loss": round(value, 6),
                                          "lr": scheduler.get_last_lr()[0]}) + "\n")
                 log_fh.flush()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.3f}")
+            bar.update(1, note=f"loss {value:.3f}")
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end_step:
                 save(step + 1)
-    if bar is not None:
-        bar.close()
+    bar.close()
     save(end_step)
     return _finish(args, parts, base, accelerator, out, end_step, start_step, losses, time.time() - t0)
 
