@@ -265,7 +265,7 @@ def _build_model(args: TrainArgs, experts: tuple[str, ...], device, log, paired_
     return _Parts(model, tokenizer, backbone, backbone_spec, bank, cfg, counts, new_head, head_note, plm_path)
 
 
-def _embed_paired(corpus: Corpus, parts: _Parts, log, progress: bool):
+def _embed_paired(corpus: Corpus, parts: _Parts, log, progress: bool, visual: str = "real"):
     """Embed the corpus's paired images once (bank rows reused when the bank holds the same files)."""
     from ..retrieval.paired import PairedImages
 
@@ -276,8 +276,12 @@ def _embed_paired(corpus: Corpus, parts: _Parts, log, progress: bool):
         if progress and (done % step < 64 or done == total):
             log(f"paired images: embedded {done}/{total}")
 
-    paired = PairedImages.embed(paths, parts.backbone, parts.bank, progress=report)
-    log(f"paired images: {len(paths)} distinct ({paired.from_bank} taken from the bank), "
+    if visual == "zero":    # the control feeds zeros: nothing to embed
+        paired = PairedImages(paths, torch.zeros(len(paths), int(parts.backbone.embed_dim)))
+    else:
+        paired = PairedImages.embed(paths, parts.backbone, parts.bank, progress=report)
+    source = "not embedded: zero input" if visual == "zero" else f"{paired.from_bank} taken from the bank"
+    log(f"paired images: {len(paths)} distinct ({source}), "
         f"{sum(1 for r in corpus.rows if r.images)} of {len(corpus.rows)} rows paired")
     return paired
 
@@ -420,7 +424,7 @@ def train_mlm(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
     stack = get_xadapter(base)
     paired = None
     if corpus.paired and "v" in experts:
-        paired = _embed_paired(corpus, parts, log, args.progress)
+        paired = _embed_paired(corpus, parts, log, args.progress, args.visual)
     builder = ContextBuilder(stack.config, parts.backbone, parts.bank, device=device, visual=args.visual,
                              paired=paired, paired_retrieved=args.paired_retrieved, cache_queries=True)
     focus_ids = _focus_ids(args.focus_words, parts.tokenizer)
