@@ -106,27 +106,18 @@ class TrainArgs:
         d = {k: getattr(self, k) for k in _RESUME_KEYS}
         d["corpus"] = [str(Path(c).resolve()) for c in self.corpus]
         d["corpus_sha256"] = corpus_digest(self.corpus)
-        d["bank_build"] = _bank_build_id(self.bank)
-        d["head_sha256"] = _head_id(self.head)
+        d["bank_build"] = _recorded_id(self.bank, "bank.json", "build_id")
+        d["head_sha256"] = _recorded_id(self.head, "head.json", "tensor_sha256")
         return d
 
 
-def _bank_build_id(bank: str | None) -> str | None:
-    """The build id a bank records in bank.json (a rebuilt bank gets a new one)."""
-    if not bank:
+def _recorded_id(folder: str | None, meta_file: str, key: str) -> str | None:
+    """The identity an artefact folder records in its JSON (a bank's build id in bank.json, a head's tensor
+    digest in head.json): a rebuilt artefact gets a new one, so a resume refuses it."""
+    if not folder:
         return None
     try:
-        return json.loads((Path(bank) / "bank.json").read_text()).get("build_id")
-    except (OSError, ValueError):
-        return None
-
-
-def _head_id(head: str | None) -> str | None:
-    """The tensor digest a text-only head records (a rebuilt head is another base)."""
-    if not head:
-        return None
-    try:
-        return json.loads((Path(head) / "head.json").read_text()).get("tensor_sha256")
+        return json.loads((Path(folder) / meta_file).read_text()).get(key)
     except (OSError, ValueError):
         return None
 
